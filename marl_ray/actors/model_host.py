@@ -1,0 +1,237 @@
+"""ModelHost: the one process per node that holds the (quantized) base and every adapter.
+
+A plain class; `cluster.py` turns it into a Ray actor. Its interface follows the primitives
+Tinker made familiar, each taking the adapter name: `sample`, `forward` (evaluate),
+`forward_backward` (LoRA gradients of a minibatch), `optim_step`, `save_state`/`load_state`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from marl_ray import ppo
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: (ids (B, P), mask (B, P))."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+class ModelHost:
+    """Holds the shared base, the reward adapters and one (LoRA, value head, optimizer) per policy."""
+
+    def __init__(self, model: dict, rewards: list[dict], policies: list[dict], seed: int = 0,
+                 torch_threads: int | None = None, host_index: int = 0):
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        from peft import LoraConfig
+
+        from marl_ray.multi_adapter import MultiAdapterModel
+
+        self.host_index = host_index
+        self.model = MultiAdapterModel.from_pretrained(
+            model["base"], quantization=model.get("quantization", "none"), dtype=model.get("dtype", "fp32"),
+            reference_adapter=model.get("reference_adapter"))
+        for r in rewards:
+            self.model.add_reward(r["name"], r["path"])
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for i, p in enumerate(policies):
+            if p.get("init_from"):
+                self.model.load_policy(p["name"], p["init_from"])
+            else:
+                lora = p.get("lora", {})
+                cfg = LoraConfig(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
+                                 lora_dropout=lora.get("dropout", 0.0),
+                                 target_modules=list(lora.get("target_modules", ("q_proj", "v_proj"))))
+                # Same seed on every host: replicas start identical.
+                self.model.add_policy(p["name"], cfg, seed=seed * 1000 + i)
+            self.optimizers[p["name"]] = torch.optim.AdamW(
+                self.model.policy_parameters(p["name"]), lr=p.get("lr", 1.41e-5), eps=1e-8, weight_decay=0.0)
+        self.gen_cfg = self.model.base.generation_config
+
+    # ------------------------------------------------------------ info
+    def info(self) -> dict:
+        import ray
+
+        return {
+            "host_index": self.host_index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
+            "policies": self.model.policies, "rewards": self.model.rewards,
+            "base_params": sum(p.numel() for p in self.model.base.parameters()),
+            "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "base_copies": self.base_copies(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def base_copies(self) -> int:
+        """How many tensors in this process hold the base's embedding matrix (1 = one base)."""
+        emb = self.model.base.get_input_embeddings().weight
+        ptrs = {t.untyped_storage().data_ptr() for t in _live_tensors()
+                if t.shape == emb.shape and t.dtype == emb.dtype and torch.equal(t, emb)}
+        return len(ptrs)
+
+    # ------------------------------------------------------------ sample
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], policies: list[str], gen: dict, seed: int) -> dict:
+        """Responses of `prompts[i]` under `policies[i]`: {"responses" (N, R), "response_mask" (N, R)}.
+
+        Responses have exactly R = max_new_tokens positions; positions after the first EOS
+        (possible only when min_new_tokens < R) are padding (mask 0).
+        """
+        pad = self.gen_cfg.pad_token_id if self.gen_cfg.pad_token_id is not None else 0
+        eos = self.gen_cfg.eos_token_id
+        ids, mask = _pad_left(prompts, pad)
+        torch.manual_seed(seed)
+        R = gen["max_new_tokens"]
+        min_new = gen.get("min_new_tokens")
+        out = self.model.generate(
+            ids.to(self.model.device), mask.to(self.model.device), policies, max_new_tokens=R,
+            min_new_tokens=R if min_new is None else min_new, temperature=gen.get("temperature", 1.0),
+            top_k=gen.get("top_k", 0), top_p=gen.get("top_p", 1.0), do_sample=gen.get("do_sample", True),
+            pad_token_id=pad).cpu()
+        resp = out[:, ids.shape[1]:]
+        if resp.shape[1] < R:  # every row stopped early: pad to R
+            resp = torch.cat([resp, torch.full((resp.shape[0], R - resp.shape[1]), pad, dtype=resp.dtype)], 1)
+        rmask = torch.ones_like(resp)
+        if eos is not None:  # EOS ends a response (it can only occur when min_new_tokens < R)
+            eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
+            is_eos = torch.isin(resp, eos_ids).long()
+            after = (is_eos.cumsum(1) - is_eos) > 0  # positions after the first EOS
+            rmask[after] = 0
+            resp[after] = pad
+        return {"responses": resp, "response_mask": rmask}
+
+    # ------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def forward(self, batch: dict) -> dict:
+        """Policy logprobs + values, reference logprobs, reward scores of a batch, one pass.
+
+        These logprobs (not a generation engine's) are the PPO `old_logprobs`: the same code
+        computes the new ones during training, so the ratio is exactly 1 before any update.
+        """
+        dev = self.model.device
+        ev = self.model.evaluate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["policies"],
+                                 batch["rewards"], batch["response_start"])
+        return {k: v.cpu() for k, v in vars(ev).items()}
+
+    # ------------------------------------------------------------ train
+    def forward_backward(self, policy: str, mb: dict, total_tokens: float, loss_cfg: dict) -> tuple[dict, dict]:
+        """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
+
+        The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
+        gives exactly the gradient of the whole minibatch's token-mean loss.
+        """
+        dev = self.model.device
+        mask = mb["mask"].to(dev).float()
+        logprobs, values, logits = self.model.policy_forward(
+            policy, mb["input_ids"].to(dev), mb["attention_mask"].to(dev), mb["response_start"])
+        pg, pg_stats = ppo.policy_loss(logprobs, mb["old_logprobs"].to(dev), mb["advantages"].to(dev), mask,
+                                       cliprange=loss_cfg["cliprange"])
+        vf, vf_stats = ppo.value_loss(values, mb["old_values"].to(dev), mb["returns"].to(dev), mask,
+                                      cliprange_value=loss_cfg["cliprange_value"])
+        share = float(mask.sum()) / total_tokens
+        loss = (pg + loss_cfg["vf_coef"] * vf) * share
+        trainable = self.model.policy_state(policy)
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        out = {k: (g if g is not None else torch.zeros_like(p)).detach().cpu()
+               for (k, p), g in zip(trainable.items(), grads)}
+        with torch.no_grad():
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+        pg, vf = pg.detach(), vf.detach()
+        stats = {"loss/policy": float(pg) * share, "loss/value": float(vf) * share,
+                 "policy/approxkl": float(pg_stats["approxkl"]) * share,
+                 "policy/clipfrac": float(pg_stats["clipfrac"]) * share,
+                 "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
+                 "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
+        return out, stats
+
+    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None) -> str:
+        """Apply one optimizer step from (averaged) gradients; returns the policy's checksum."""
+        params = self.model.policy_state(policy)
+        for k, p in params.items():
+            p.grad = grads[k].to(p.device, p.dtype)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+        self.optimizers[policy].step()
+        self.optimizers[policy].zero_grad(set_to_none=True)
+        return self.checksum(policy)
+
+    def checksum(self, policy: str) -> str:
+        """sha256 of every trainable tensor of `policy` (LoRA + value head), in name order."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.policy_state(policy).items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def set_lr(self, policy: str, lr: float):
+        for g in self.optimizers[policy].param_groups:
+            g["lr"] = lr
+
+    # ------------------------------------------------------------ state
+    def save_state(self, policy: str, folder: str, with_optimizer: bool = True) -> str:
+        """Policy folder (plain peft + value head) and, beside it, optimizer.pt."""
+        folder = Path(folder)
+        self.model.save_policy(policy, folder)
+        if with_optimizer:
+            tmp = folder / "optimizer.pt.tmp"
+            torch.save(self.optimizers[policy].state_dict(), tmp)
+            os.replace(tmp, folder / "optimizer.pt")
+        return str(folder)
+
+    def get_state(self, policy: str) -> dict:
+        """Weights + optimizer state of `policy`, to restore another replica from this one."""
+        return {"weights": {k: v.detach().cpu().clone() for k, v in self.model.policy_state(policy).items()},
+                "optimizer": self.optimizers[policy].state_dict()}
+
+    def set_state(self, policy: str, state: dict) -> str:
+        params = self.model.policy_state(policy)
+        with torch.no_grad():
+            for k, v in state["weights"].items():
+                params[k].copy_(v)
+        self.optimizers[policy].load_state_dict(state["optimizer"])
+        return self.checksum(policy)
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+
+    def set_rng_state(self, state: dict):
+        torch.random.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+
+
+def _live_tensors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some torch module objects warns
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    return objs

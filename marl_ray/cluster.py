@@ -1,0 +1,134 @@
+"""The only place that starts Ray, builds placement groups and sets ray.remote options.
+
+Local default: a Ray bound to 127.0.0.1 (never the machine's outward address). In a
+`ray job submit` job, RAY_ADDRESS is set and we join that cluster instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Join `address` (or RAY_ADDRESS), or start a private local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+@dataclass
+class Placement:
+    """Where each host runs: a node id per host, and the placement group when one is used."""
+
+    node_ids: list[str]
+    strategies: list  # one scheduling strategy per host
+    pg: object = None
+
+
+def place_hosts(num_hosts: int | None, hosts_per_node: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                placement: str = "spread", timeout_s: float = 120.0) -> Placement:
+    """Reserve a slot per model host: one per node by default (STRICT_SPREAD), or
+    `hosts_per_node` per node (e.g. one per GPU), pinned by node affinity."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    nodes = alive_nodes()
+    n = num_hosts or len(nodes) * hosts_per_node
+    if n > len(nodes) * hosts_per_node:
+        raise RuntimeError(f"{n} hosts need {-(-n // hosts_per_node)} nodes at {hosts_per_node} per node; "
+                           f"the cluster has {len(nodes)} alive node(s)")
+    bundle = {"CPU": max(num_cpus, 0.001)}
+    if num_gpus:
+        bundle["GPU"] = num_gpus
+    if placement == "spread" and hosts_per_node == 1:
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy="STRICT_SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except Exception as e:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(f"could not reserve {n} host slots of {bundle} on distinct nodes within "
+                               f"{timeout_s:.0f}s: {e}") from e
+        table = ray.util.placement_group_table(pg)
+        node_ids = [table["bundles_to_node_id"][i] for i in range(n)]
+        strategies = [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i) for i in range(n)]
+        return Placement(node_ids, strategies, pg)
+    # Several hosts per node (one per GPU), or explicit node affinity.
+    node_ids = [nodes[i // hosts_per_node]["NodeID"] for i in range(n)]
+    strategies = [NodeAffinitySchedulingStrategy(node_id=nid, soft=False) for nid in node_ids]
+    return Placement(node_ids, strategies)
+
+
+def host_options(placement: Placement, i: int, num_cpus: float, num_gpus: float) -> dict:
+    opts = {"scheduling_strategy": placement.strategies[i], "num_cpus": num_cpus, "max_concurrency": 1}
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
+    return opts
+
+
+def worker_options(node_id: str) -> dict:
+    """Rollout workers sit on their host's node and reserve no CPU (they mostly wait on it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+
+
+def start_actors(cfg, seed: int):
+    """Model hosts (one per node by default) and rollout workers (spread over the hosts' nodes).
+
+    Returns (hosts, workers, worker_host) where worker_host[w] is the index of worker w's host.
+    """
+    import ray
+
+    from marl_ray.actors.model_host import ModelHost
+    from marl_ray.actors.rollout import RolloutWorker
+    from marl_ray.config import to_dict
+
+    c = cfg.cluster
+    pl = place_hosts(c.num_hosts, c.hosts_per_node, c.host_num_cpus, c.host_num_gpus, c.placement)
+    Host = ray.remote(ModelHost)
+    Worker = ray.remote(RolloutWorker)
+    model = to_dict(cfg.model)
+    rewards = [to_dict(r) for r in cfg.rewards]
+    policies = [to_dict(p) for p in cfg.policies]
+    threads = max(1, int(round(c.host_num_cpus)))
+    hosts = [Host.options(**host_options(pl, i, c.host_num_cpus, c.host_num_gpus)).remote(
+        model, rewards, policies, seed=seed, torch_threads=threads, host_index=i) for i in range(len(pl.node_ids))]
+    tokenizer = cfg.model.tokenizer or cfg.model.base
+    worker_host = [w % len(hosts) for w in range(c.rollout_workers)]
+    workers = [Worker.options(**worker_options(pl.node_ids[worker_host[w]])).remote(
+        tokenizer, cfg.data.prompts, w, c.rollout_workers, cfg.data.max_prompt_tokens, seed=cfg.data.seed)
+        for w in range(c.rollout_workers)]
+    return hosts, workers, worker_host, pl
+
+
+def shutdown_actors(actors, pg=None):
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:
+            pass
+    if pg is not None:
+        try:
+            ray.util.remove_placement_group(pg)
+        except Exception:
+            pass

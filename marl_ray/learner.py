@@ -1,0 +1,238 @@
+"""The learner: the single controller of a PPO run (the driver of a `ray job submit` job).
+
+Each step reads like the algorithm: rollout -> evaluate -> rewards with a KL penalty -> GAE
+-> PPO epochs whose minibatches are split across the hosts -> the hosts' LoRA gradients are
+summed -> every host applies the same optimizer step -> replica checksums must agree.
+The math lives in `marl_ray.ppo`; this module only orchestrates actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from marl_ray import ppo
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaDivergence(RuntimeError):
+    """Hosts hold different weights for a policy after the same step."""
+
+
+@dataclass
+class Batch:
+    """One step's trajectories: N rows of [left-padded prompt | response] (T = P + R)."""
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor  # (N, R)
+    response_start: int  # P
+    policies: list[str]
+    prompt_ids: list[int]
+    extra: dict = field(default_factory=dict)
+
+    def rows(self, policy: str) -> list[int]:
+        return [i for i, p in enumerate(self.policies) if p == policy]
+
+
+def _split(n: int, parts: int) -> list[range]:
+    """Contiguous near-equal shards of range(n); empty ones are dropped."""
+    out, start = [], 0
+    for k in range(parts):
+        size = n // parts + (1 if k < n % parts else 0)
+        if size:
+            out.append(range(start, start + size))
+        start += size
+    return out
+
+
+class Learner:
+    def __init__(self, cfg, hosts, workers, worker_host, logger=None):
+        self.cfg = cfg
+        self.hosts = hosts
+        self.workers = workers
+        self.worker_host = worker_host
+        self.logger = logger
+        self.policies = [p.name for p in cfg.policies]
+        self.spec = {p.name: p for p in cfg.policies}
+        self.kl_ctl = {
+            p.name: (ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
+                     else ppo.FixedKLController(p.init_kl_coef))
+            for p in cfg.policies}
+        self.step = 0
+        self.ledger: list[dict] = []  # prompt ids consumed per step
+        self.history: list[dict] = []
+        self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
+                    "temperature": cfg.generation.temperature, "top_k": cfg.generation.top_k,
+                    "top_p": cfg.generation.top_p}
+
+    # ------------------------------------------------------------ phases
+    def rollout(self) -> Batch:
+        """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
+        import ray
+
+        n = self.cfg.ppo.batch_size
+        shares = [len(r) for r in _split(n, len(self.workers))]
+        seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
+        refs = [self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.policies, self.gen,
+                                               seed + w * 7919)
+                for w, k in enumerate(shares)]
+        parts = ray.get(refs)  # in worker order: deterministic for a seed
+        prompts = [p for part in parts for p in part["prompts"]]
+        P = max(len(p) for p in prompts)
+        pad = 0
+        prompt_ids = torch.full((len(prompts), P), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, P - len(p):] = torch.tensor(p)
+            prompt_mask[i, P - len(p):] = 1
+        resp = torch.cat([part["responses"] for part in parts])
+        rmask = torch.cat([part["response_mask"] for part in parts])
+        return Batch(
+            input_ids=torch.cat([prompt_ids, resp], 1), attention_mask=torch.cat([prompt_mask, rmask], 1),
+            response_mask=rmask, response_start=P, policies=[p for part in parts for p in part["policies"]],
+            prompt_ids=[i for part in parts for i in part["prompt_ids"]])
+
+    def evaluate(self, batch: Batch) -> dict:
+        """Split the batch's rows over the hosts; each runs one mixed-adapter pass."""
+        import ray
+
+        rewards = [self.spec[p].reward for p in batch.policies]
+        refs = []
+        shards = _split(len(batch.policies), len(self.hosts))
+        for h, rows in zip(self.hosts, shards):
+            sl = slice(rows.start, rows.stop)
+            refs.append(h.forward.remote({
+                "input_ids": batch.input_ids[sl], "attention_mask": batch.attention_mask[sl],
+                "policies": batch.policies[sl], "rewards": rewards[sl], "response_start": batch.response_start}))
+        outs = ray.get(refs)
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def advantages(self, batch: Batch, ev: dict) -> dict[str, dict]:
+        """Per policy: KL-penalised rewards, GAE advantages (whitened) and returns."""
+        out = {}
+        g = self.cfg.ppo
+        for p in self.policies:
+            rows = batch.rows(p)
+            mask = batch.response_mask[rows].float()
+            scores = ev["scores_B"][rows] * self.spec[p].reward_weight
+            coef = self.kl_ctl[p].value
+            rewards, kl = ppo.rewards_with_kl(scores, ev["logprobs_BR"][rows], ev["ref_logprobs_BR"][rows], mask,
+                                              coef, kind=g.kl_penalty)
+            adv, ret = ppo.gae(rewards, ev["values_BR"][rows], mask, gamma=g.gamma, lam=g.lam)
+            if g.whiten_advantages:
+                adv = ppo.masked_whiten(adv, mask)
+            out[p] = {"rows": rows, "mask": mask, "scores": scores, "raw_scores": ev["scores_B"][rows], "kl": kl,
+                      "kl_coef": coef, "advantages": adv, "returns": ret}
+        return out
+
+    def train(self, batch: Batch, ev: dict, adv: dict) -> dict[str, dict]:
+        """PPO epochs; each minibatch's rows are split over the hosts, gradients summed, one step everywhere."""
+        import ray
+
+        g = self.cfg.ppo
+        loss_cfg = {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
+        stats = {p: [] for p in self.policies}
+        for _ in range(g.ppo_epochs):
+            perms = {p: torch.randperm(len(adv[p]["rows"]), generator=gen).tolist() for p in self.policies}
+            for start in range(0, g.batch_size, g.mini_batch_size):
+                pending = {}
+                for p in self.policies:
+                    local = perms[p][start:start + g.mini_batch_size]
+                    rows = [adv[p]["rows"][i] for i in local]
+                    total = float(adv[p]["mask"][local].sum().clamp(min=1))
+                    refs = []
+                    for h, shard in zip(self.hosts, _split(len(rows), len(self.hosts))):
+                        sel = [rows[i] for i in shard]
+                        loc = [local[i] for i in shard]
+                        mb = {"input_ids": batch.input_ids[sel], "attention_mask": batch.attention_mask[sel],
+                              "response_start": batch.response_start, "mask": adv[p]["mask"][loc],
+                              "old_logprobs": ev["logprobs_BR"][sel], "old_values": ev["values_BR"][sel],
+                              "advantages": adv[p]["advantages"][loc], "returns": adv[p]["returns"][loc]}
+                        refs.append(h.forward_backward.remote(p, mb, total, loss_cfg))
+                    pending[p] = refs
+                for p, refs in pending.items():
+                    results = ray.get(refs)
+                    grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
+                    mb_stats = {k: sum(r[1][k] for r in results) for k in results[0][1]}
+                    grads_ref = ray.put(grads)
+                    sums = ray.get([h.optim_step.remote(p, grads_ref, g.max_grad_norm) for h in self.hosts])
+                    if len(set(sums)) != 1:
+                        raise ReplicaDivergence(f"policy {p!r}: hosts disagree after step {self.step}: {sums}")
+                    stats[p].append(mb_stats)
+        return {p: {f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} for p, v in stats.items()}
+
+    # ------------------------------------------------------------ loop
+    def run_step(self) -> dict[str, dict]:
+        t0 = time.perf_counter()
+        batch = self.rollout()
+        t1 = time.perf_counter()
+        ev = self.evaluate(batch)
+        adv = self.advantages(batch, ev)
+        t2 = time.perf_counter()
+        train_stats = self.train(batch, ev, adv)
+        t3 = time.perf_counter()
+        n_samples = len(batch.policies)
+        gen_tokens = int(batch.response_mask.sum())
+        metrics = {}
+        for p in self.policies:
+            a = adv[p]
+            rows = a["rows"]
+            mask = a["mask"]
+            kl_seq = (a["kl"] * mask).sum(1)
+            ent_seq = (ev["entropy_BR"][rows] * mask).sum(1)
+            m = {
+                "objective/kl": float(kl_seq.mean()),
+                "objective/entropy": float(ent_seq.mean()),
+                "objective/scores": float(a["raw_scores"].mean()),
+                "objective/rlhf_reward": float(a["scores"].mean() - a["kl_coef"] * kl_seq.mean()),
+                "objective/kl_coef": float(a["kl_coef"]),
+                "val/mean": float(ppo.masked_mean(ev["values_BR"][rows], mask)),
+                "returns/mean": float(ppo.masked_mean(a["returns"], mask)),
+            }
+            m.update(train_stats[p])
+            self.kl_ctl[p].update(float(kl_seq.mean()), self.cfg.ppo.batch_size)
+            m.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+                      "time/step_s": t3 - t0, "perf/samples_per_s": n_samples / (t3 - t0),
+                      "perf/gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)})
+            metrics[p] = m
+        self.ledger.append({"step": self.step, "prompt_ids": sorted(set(batch.prompt_ids))})
+        self.last_batch = batch
+        self.step += 1
+        return metrics
+
+    def checksums(self) -> dict[str, list[str]]:
+        import ray
+
+        return {p: ray.get([h.checksum.remote(p) for h in self.hosts]) for p in self.policies}
+
+    def fit(self, steps: int | None = None, on_step=None):
+        """Run PPO steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each."""
+        from tqdm import tqdm
+
+        end = self.cfg.ppo.steps if steps is None else self.step + steps
+        start_sums = self.checksums()
+        for p, s in start_sums.items():
+            if len(set(s)) != 1:
+                raise ReplicaDivergence(f"policy {p!r}: hosts start from different weights: {s}")
+        bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not self.cfg.run.progress)
+        try:
+            while self.step < end:
+                metrics = self.run_step()
+                self.history.append({"step": self.step - 1, "metrics": metrics})
+                if self.logger is not None:
+                    self.logger.log(self.step - 1, metrics)
+                if on_step is not None:
+                    on_step(self.step - 1, metrics)
+                first = metrics[self.policies[0]]
+                bar.set_postfix(samples_s=f"{first['perf/samples_per_s']:.1f}",
+                                **{p: f"{m['objective/scores']:+.2f}" for p, m in metrics.items()})
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.history
