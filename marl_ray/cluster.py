@@ -119,10 +119,31 @@ def start_actors(cfg, seed: int):
     return hosts, workers, worker_host, pl
 
 
+def start_inprocess(cfg, seed: int):
+    """The same host and workers as plain objects in this process (one host), behind LocalHandle."""
+    from marl_ray.actors.handles import LocalHandle
+    from marl_ray.actors.model_host import ModelHost
+    from marl_ray.actors.rollout import RolloutWorker
+    from marl_ray.config import to_dict
+
+    c = cfg.cluster
+    host = ModelHost(to_dict(cfg.model), [to_dict(r) for r in cfg.rewards], [to_dict(p) for p in cfg.policies],
+                     seed=seed, torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0)
+    tokenizer = cfg.model.tokenizer or cfg.model.base
+    workers = [LocalHandle(RolloutWorker(tokenizer, cfg.data.prompts, w, c.rollout_workers,
+                                         cfg.data.max_prompt_tokens, seed=cfg.data.seed))
+               for w in range(c.rollout_workers)]
+    return [LocalHandle(host)], workers, [0] * c.rollout_workers
+
+
 def shutdown_actors(actors, pg=None):
     import ray
 
+    from marl_ray.actors.handles import LocalHandle
+
     for a in actors:
+        if isinstance(a, LocalHandle):
+            continue
         try:
             ray.kill(a)
         except Exception:

@@ -156,6 +156,9 @@ class PPOSpec:
 
 @spec
 class ClusterSpec:
+    runtime: Literal["ray", "inprocess"] = opt(
+        "ray", "ray = model hosts and rollout workers are Ray actors; inprocess = the same objects in this "
+        "process (one host; for debugging and for measuring Ray's overhead).")
     address: Optional[str] = opt(None, "Ray address: null = a local Ray on 127.0.0.1; auto = the running cluster.")
     num_hosts: Optional[int] = opt(None, "Number of model-host actors; null = one per alive node.", ge=1)
     hosts_per_node: int = opt(1, "Model-host actors placed on each node.", ge=1)

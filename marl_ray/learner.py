@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from marl_ray import ppo
+from marl_ray.actors.handles import LocalHandle, get, put
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,15 @@ def _split(n: int, parts: int) -> list[range]:
 
 
 class Learner:
-    def __init__(self, cfg, hosts, workers, worker_host, logger=None):
+    def __init__(self, cfg, hosts, workers, worker_host, logger=None, gold_fn=None):
         self.cfg = cfg
         self.hosts = hosts
         self.workers = workers
         self.worker_host = worker_host
         self.logger = logger
+        self.local = bool(hosts) and isinstance(hosts[0], LocalHandle)  # in-process runtime
+        # Optional gold oracle (texts -> scores): a metric only, never part of the reward.
+        self.gold_fn = gold_fn
         self.policies = [p.name for p in cfg.policies]
         self.spec = {p.name: p for p in cfg.policies}
         self.kl_ctl = {
@@ -73,15 +77,13 @@ class Learner:
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:
         """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
-        import ray
-
         n = self.cfg.ppo.batch_size
         shares = [len(r) for r in _split(n, len(self.workers))]
         seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
         refs = [self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.policies, self.gen,
                                                seed + w * 7919)
                 for w, k in enumerate(shares)]
-        parts = ray.get(refs)  # in worker order: deterministic for a seed
+        parts = get(refs)  # in worker order: deterministic for a seed
         prompts = [p for part in parts for p in part["prompts"]]
         P = max(len(p) for p in prompts)
         pad = 0
@@ -99,8 +101,6 @@ class Learner:
 
     def evaluate(self, batch: Batch) -> dict:
         """Split the batch's rows over the hosts; each runs one mixed-adapter pass."""
-        import ray
-
         rewards = [self.spec[p].reward for p in batch.policies]
         refs = []
         shards = _split(len(batch.policies), len(self.hosts))
@@ -109,7 +109,7 @@ class Learner:
             refs.append(h.forward.remote({
                 "input_ids": batch.input_ids[sl], "attention_mask": batch.attention_mask[sl],
                 "policies": batch.policies[sl], "rewards": rewards[sl], "response_start": batch.response_start}))
-        outs = ray.get(refs)
+        outs = get(refs)
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def advantages(self, batch: Batch, ev: dict) -> dict[str, dict]:
@@ -132,8 +132,6 @@ class Learner:
 
     def train(self, batch: Batch, ev: dict, adv: dict) -> dict[str, dict]:
         """PPO epochs; each minibatch's rows are split over the hosts, gradients summed, one step everywhere."""
-        import ray
-
         g = self.cfg.ppo
         loss_cfg = {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
@@ -157,11 +155,11 @@ class Learner:
                         refs.append(h.forward_backward.remote(p, mb, total, loss_cfg))
                     pending[p] = refs
                 for p, refs in pending.items():
-                    results = ray.get(refs)
+                    results = get(refs)
                     grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
                     mb_stats = {k: sum(r[1][k] for r in results) for k in results[0][1]}
-                    grads_ref = ray.put(grads)
-                    sums = ray.get([h.optim_step.remote(p, grads_ref, g.max_grad_norm) for h in self.hosts])
+                    grads_ref = put(grads, self.local)
+                    sums = get([h.optim_step.remote(p, grads_ref, g.max_grad_norm) for h in self.hosts])
                     if len(set(sums)) != 1:
                         raise ReplicaDivergence(f"policy {p!r}: hosts disagree after step {self.step}: {sums}")
                     stats[p].append(mb_stats)
@@ -201,15 +199,31 @@ class Learner:
                       "time/step_s": t3 - t0, "perf/samples_per_s": n_samples / (t3 - t0),
                       "perf/gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)})
             metrics[p] = m
+        if self.gold_fn is not None:
+            self._gold_metrics(batch, metrics)
         self.ledger.append({"step": self.step, "prompt_ids": sorted(set(batch.prompt_ids))})
         self.last_batch = batch
         self.step += 1
         return metrics
 
-    def checksums(self) -> dict[str, list[str]]:
-        import ray
+    def _gold_metrics(self, batch: Batch, metrics: dict):
+        texts = get(self.workers[0].decode.remote(
+            [batch.input_ids[i, batch.response_start:][batch.response_mask[i].bool()].tolist()
+             for i in range(len(batch.policies))]))
+        for p in self.policies:
+            scores = self.gold_fn([texts[i] for i in batch.rows(p)])
+            metrics[p]["gold/score"] = float(sum(scores) / max(len(scores), 1))
 
-        return {p: ray.get([h.checksum.remote(p) for h in self.hosts]) for p in self.policies}
+    def generate_texts(self, texts: list[str], policy: str, seed: int = 0) -> list[str]:
+        """Completions of `texts` under `policy` ("ref" = the reference), decoded (for evaluation)."""
+        worker, host = self.workers[0], self.hosts[self.worker_host[0]]
+        prompts = get(worker.encode.remote(texts))
+        out = get(host.sample.remote(prompts, [policy] * len(prompts), self.gen, seed))
+        rows = [r[m.bool()].tolist() for r, m in zip(out["responses"], out["response_mask"])]
+        return get(worker.decode.remote(rows))
+
+    def checksums(self) -> dict[str, list[str]]:
+        return {p: get([h.checksum.remote(p) for h in self.hosts]) for p in self.policies}
 
     def fit(self, steps: int | None = None, on_step=None):
         """Run PPO steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each."""

@@ -82,8 +82,9 @@ class ModelHost:
     def info(self) -> dict:
         import ray
 
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         return {
-            "host_index": self.host_index, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "host_index": self.host_index, "pid": os.getpid(), "node_id": node,
             "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
             "policies": self.model.policies, "rewards": self.model.rewards,
             "base_params": sum(p.numel() for p in self.model.base.parameters()),

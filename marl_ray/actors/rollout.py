@@ -88,8 +88,9 @@ class RolloutWorker:
         previous one runs), and come back in order. Returns {"prompt_ids", "prompts",
         "policies", "responses" (N, R), "response_mask" (N, R)} with N = n * len(policies).
         """
-        import ray
         import torch
+
+        from marl_ray.actors.handles import get
 
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
@@ -98,13 +99,23 @@ class RolloutWorker:
         for c in range(0, len(rows), size):
             part = rows[c:c + size]
             refs.append(host.sample.remote([r[1] for r in part], [r[2] for r in part], gen, seed + c))
-        results = ray.get(refs)
+        results = get(refs)
         return {
             "prompt_ids": [r[0] for r in rows], "prompts": [r[1] for r in rows], "policies": [r[2] for r in rows],
             "responses": torch.cat([x["responses"] for x in results]),
             "response_mask": torch.cat([x["response_mask"] for x in results]),
             "worker": self.worker_index,
         }
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of `texts` as prompts (BOS added, truncated like the stream's prompts)."""
+        out = []
+        for t in texts:
+            ids = self._encode(t)
+            if ids is None:
+                raise ValueError("empty prompt: every prompt needs at least one non-space character")
+            out.append(ids)
+        return out
 
     def decode(self, token_lists: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)

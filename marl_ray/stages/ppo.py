@@ -30,14 +30,18 @@ def check_inputs(cfg: PPORunConfig):
                           "or 'embedded')")
 
 
-def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False) -> dict:
+def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=None, on_start=None,
+            on_end=None) -> dict:
     """Train every policy of `cfg` for cfg.ppo.steps steps; save them under out_dir/policies/NAME.
 
     Returns a summary: final metrics per policy, hosts, checksums, the prompt ledger, timings.
+    `on_start(learner)` / `on_end(learner)` run before the first and after the last step (the
+    demo samples held-out prompts there); `gold_fn(texts) -> scores` adds a gold metric.
     """
     import ray
 
-    from marl_ray.cluster import init_ray, shutdown_actors, start_actors
+    from marl_ray.actors.handles import get
+    from marl_ray.cluster import init_ray, shutdown_actors, start_actors, start_inprocess
     from marl_ray.learner import Learner
     from marl_ray.metrics import MetricsLogger
 
@@ -45,30 +49,37 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False) -> dict:
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    started_here = not ray.is_initialized()
-    init_ray(cfg.cluster.address)
+    inprocess = cfg.cluster.runtime == "inprocess"
+    started_here = not inprocess and not ray.is_initialized()
+    if not inprocess:
+        init_ray(cfg.cluster.address)
     hosts, workers, pg = [], [], None
     logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard)
     try:
         t0 = time.perf_counter()
-        hosts, workers, worker_host, placement = start_actors(cfg, seed=cfg.run.seed)
-        pg = placement.pg
-        infos = ray.get([h.info.remote() for h in hosts])
+        if inprocess:
+            hosts, workers, worker_host = start_inprocess(cfg, seed=cfg.run.seed)
+        else:
+            hosts, workers, worker_host, placement = start_actors(cfg, seed=cfg.run.seed)
+            pg = placement.pg
+        infos = get([h.info.remote() for h in hosts])
         fps = {i["fingerprint"] for i in infos}
         if len(fps) != 1:
             raise RuntimeError(f"hosts loaded different bases: {[i['fingerprint'] for i in infos]}")
-        log.info("%d host(s) on nodes %s; base %s (%s)", len(hosts), [i["node_id"][:8] for i in infos],
+        log.info("%d host(s) on nodes %s; base %s (%s)", len(hosts), [str(i["node_id"])[:8] for i in infos],
                  infos[0]["fingerprint"], infos[0]["quantization"])
-        learner = Learner(cfg, hosts, workers, worker_host, logger)
+        learner = Learner(cfg, hosts, workers, worker_host, logger, gold_fn=gold_fn)
+        extra = {"start": on_start(learner) if on_start else None}
         learner.fit(on_step=on_step)
+        extra["end"] = on_end(learner) if on_end else None
         saved = {}
         for p in learner.policies:
-            saved[p] = ray.get(hosts[0].save_state.remote(p, str(out / "policies" / p)))
-        infos = ray.get([h.info.remote() for h in hosts])
+            saved[p] = get(hosts[0].save_state.remote(p, str(out / "policies" / p)))
+        infos = get([h.info.remote() for h in hosts])
         summary = {
             "policies": {p: learner.history[-1]["metrics"][p] for p in learner.policies},
             "saved": saved, "hosts": infos, "checksums": learner.checksums(), "ledger": learner.ledger,
-            "steps": learner.step, "wall_s": time.perf_counter() - t0,
+            "steps": learner.step, "wall_s": time.perf_counter() - t0, "extra": extra,
         }
         (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
