@@ -30,7 +30,25 @@ def _ppo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"ppo": _ppo}
+def _demo(argv: list[str]) -> int:
+    from marl_ray.stages.demo import main_demo
+
+    return main_demo(argv)
+
+
+def _sft(argv: list[str]) -> int:
+    from marl_ray.stages.sft import main_sft
+
+    return main_sft(argv)
+
+
+def _reward(argv: list[str]) -> int:
+    from marl_ray.stages.reward import main_reward
+
+    return main_reward(argv)
+
+
+COMMANDS = {"ppo": _ppo, "demo": _demo, "sft": _sft, "reward": _reward}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Multi-Adapter RL on Ray: SFT, reward-adapter training and PPO of several LoRA policies, "
                     "all on one shared base model.",
         epilog="Run `marl-ray COMMAND --help` for the options of a command.")
-    top.add_argument("command", choices=sorted(COMMANDS), help="what to run")
+    top.add_argument("command", choices=sorted(COMMANDS),
+                     help="sft: stage 1 (base on the target domain); reward: stage 2 (reward adapter); "
+                          "ppo: stage 3 (policies on Ray); demo: all three on the embedded default")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2

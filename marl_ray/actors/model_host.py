@@ -53,9 +53,12 @@ class ModelHost:
                  torch_threads: int | None = None, host_index: int = 0):
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
+        import transformers  # noqa: F401  (imported before the baseline reading)
         from peft import LoraConfig
 
         from marl_ray.multi_adapter import MultiAdapterModel
+
+        self.baseline_rss_mib = _rss_mib()  # after imports, before the model: what the run itself costs
 
         self.host_index = host_index
         self.model = MultiAdapterModel.from_pretrained(
@@ -88,7 +91,8 @@ class ModelHost:
             "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
             "policies": self.model.policies, "rewards": self.model.rewards,
             "base_params": sum(p.numel() for p in self.model.base.parameters()),
-            "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "base_copies": self.base_copies(),
+            "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": self.baseline_rss_mib,
+            "base_copies": self.base_copies(),
             "torch_threads": torch.get_num_threads(),
         }
 
@@ -193,6 +197,20 @@ class ModelHost:
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def role_checksum(self, name: str) -> str:
+        """sha256 of adapter `name`'s LoRA tensors and its head (score head of a reward, value head of a
+        policy), bit-exact, in name order: shows an adapter left untouched by training."""
+        head = self.model.score_heads[name] if name in self.model.score_heads else self.model.value_heads[name]
+        tensors = dict(self.model._lora_params(name))
+        tensors.update({f"head.{k}": v for k, v in head.named_parameters()})
+        return _digest(tensors)
+
+    def base_checksum(self) -> str:
+        """sha256 of every base parameter and buffer (LoRA weights excluded), bit-exact, in name order."""
+        tensors = {k: v for k, v in self.model.base.named_parameters() if "lora_" not in k}
+        tensors.update({f"buffer.{k}": v for k, v in self.model.base.named_buffers() if "lora_" not in k})
+        return _digest(tensors)
+
     def set_lr(self, policy: str, lr: float):
         for g in self.optimizers[policy].param_groups:
             g["lr"] = lr
@@ -227,6 +245,17 @@ class ModelHost:
     def set_rng_state(self, state: dict):
         torch.random.set_rng_state(state["torch"])
         random.setstate(state["python"])
+
+
+def _digest(tensors: dict) -> str:
+    """sha256 of the raw bytes of named tensors (any dtype, quantized storage included), in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _live_tensors():

@@ -11,19 +11,27 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list[str]:
-    """The prompt texts: the embedded domain's training openings, or a JSONL file's "prompt" field."""
+def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list:
+    """The prompts: the embedded domain's training openings, or the rows of a JSONL file, each
+    with a "prompt" text or pre-tokenized "input_ids" (a list of token ids, used as given)."""
     if source == "embedded":
         from marl_ray.data.domain import prompts
 
         return prompts(n, seed=seed, split="train")
     from marl_ray.data.domain import read_jsonl
 
-    rows = read_jsonl(source, required=("prompt",))
-    texts = [str(r["prompt"]) for r in rows]
-    if not texts:
+    rows = read_jsonl(source)
+    out = []
+    for i, r in enumerate(rows, 1):
+        if isinstance(r, dict) and isinstance(r.get("input_ids"), list):
+            out.append([int(t) for t in r["input_ids"]])
+        elif isinstance(r, dict) and "prompt" in r:
+            out.append(str(r["prompt"]))
+        else:
+            raise ValueError(f"{source}: row {i} has neither a 'prompt' text nor an 'input_ids' list")
+    if not out:
         raise ValueError(f"{source}: no prompts in the file")
-    return texts
+    return out
 
 
 class RolloutWorker:
@@ -50,10 +58,15 @@ class RolloutWorker:
     def set_state(self, state: dict):
         self.position, self.epoch = int(state["position"]), int(state["epoch"])
 
-    def _encode(self, text: str) -> list[int] | None:
-        ids = self.tokenizer(text)["input_ids"]
-        if not text.strip():
-            return None
+    def _encode(self, text) -> list[int] | None:
+        if isinstance(text, list):  # pre-tokenized
+            ids = list(text)
+            if not ids:
+                return None
+        else:
+            if not text.strip():
+                return None
+            ids = self.tokenizer(text)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             # Keep the end: it is what the response continues.
             self.truncated += 1
