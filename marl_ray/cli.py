@@ -20,7 +20,11 @@ def _ppo(argv: list[str]) -> int:
                     "Policies are scored by reward adapters on the same base; the reference is the base with "
                     "adapters disabled. Writes metrics.jsonl, TensorBoard logs and policies/NAME under run.out_dir.")
     add_config_args(parser, PPORunConfig)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="resume from the latest checkpoint of run.out_dir, or from the given checkpoint folder")
     args = parser.parse_args(argv)
+    if args.resume:
+        args.set = list(args.set or []) + [f"run.resume={args.resume}"]
     cfg = config_from_args(args, PPORunConfig)  # validated before any actor starts
     from marl_ray.stages.ppo import run_ppo
 

@@ -76,18 +76,22 @@ def place_hosts(num_hosts: int | None, hosts_per_node: int = 1, num_cpus: float 
     return Placement(node_ids, strategies)
 
 
-def host_options(placement: Placement, i: int, num_cpus: float, num_gpus: float) -> dict:
-    opts = {"scheduling_strategy": placement.strategies[i], "num_cpus": num_cpus, "max_concurrency": 1}
+def host_options(placement: Placement, i: int, num_cpus: float, num_gpus: float, max_restarts: int = 0) -> dict:
+    # Ray restarts a dead host in its slot; the learner restores its state (no task retries:
+    # the learner redoes the whole step, so nothing runs twice).
+    opts = {"scheduling_strategy": placement.strategies[i], "num_cpus": num_cpus, "max_concurrency": 1,
+            "max_restarts": max_restarts, "max_task_retries": 0}
     if num_gpus:
         opts["num_gpus"] = num_gpus
     return opts
 
 
-def worker_options(node_id: str) -> dict:
+def worker_options(node_id: str, max_restarts: int = 0) -> dict:
     """Rollout workers sit on their host's node and reserve no CPU (they mostly wait on it)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)}
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            "max_restarts": max_restarts, "max_task_retries": 0}
 
 
 def start_actors(cfg, seed: int):
@@ -109,11 +113,11 @@ def start_actors(cfg, seed: int):
     rewards = [to_dict(r) for r in cfg.rewards]
     policies = [to_dict(p) for p in cfg.policies]
     threads = max(1, int(round(c.host_num_cpus)))
-    hosts = [Host.options(**host_options(pl, i, c.host_num_cpus, c.host_num_gpus)).remote(
+    hosts = [Host.options(**host_options(pl, i, c.host_num_cpus, c.host_num_gpus, c.max_restarts)).remote(
         model, rewards, policies, seed=seed, torch_threads=threads, host_index=i) for i in range(len(pl.node_ids))]
     tokenizer = cfg.model.tokenizer or cfg.model.base
     worker_host = [w % len(hosts) for w in range(c.rollout_workers)]
-    workers = [Worker.options(**worker_options(pl.node_ids[worker_host[w]])).remote(
+    workers = [Worker.options(**worker_options(pl.node_ids[worker_host[w]], c.max_restarts)).remote(
         tokenizer, cfg.data.prompts, w, c.rollout_workers, cfg.data.max_prompt_tokens, seed=cfg.data.seed)
         for w in range(c.rollout_workers)]
     return hosts, workers, worker_host, pl

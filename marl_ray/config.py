@@ -146,6 +146,9 @@ class PPOSpec:
     vf_coef: float = opt(0.1, "Weight of the value loss in the total loss.", ge=0)
     whiten_advantages: bool = opt(True, "Normalise advantages to zero mean and unit variance per batch.")
     max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this global norm; null = no clipping.", gt=0)
+    max_nonfinite_steps: int = opt(
+        3, "Stop (after a checkpoint of the last good state) when a policy's update is skipped for NaN/inf "
+        "this many steps in a row.", ge=1)
     kl_penalty: Literal["kl", "abs", "mse"] = opt("kl", "KL estimate: logp - logp_ref, its abs, or its square / 2.")
 
     def _check(self, at: str) -> None:
@@ -164,6 +167,8 @@ class ClusterSpec:
     hosts_per_node: int = opt(1, "Model-host actors placed on each node.", ge=1)
     host_num_cpus: float = opt(1.0, "CPUs Ray reserves for each model host.", ge=0)
     host_num_gpus: float = opt(0.0, "GPUs Ray reserves for each model host (a fraction shares a GPU).", ge=0)
+    max_restarts: int = opt(3, "Ray restarts of a model host or rollout worker that dies; the learner then "
+                            "restores it and redoes the step.", ge=0)
     rollout_workers: int = opt(2, "Number of rollout workers generating responses in parallel.", ge=1)
     placement: Literal["spread", "node_affinity"] = opt("spread", "Host placement: Ray SPREAD or pinned to nodes.")
 
@@ -181,6 +186,7 @@ class RunSpec:
     seed: int = opt(0, "Global random seed.", ge=0)
     log_every: int = opt(1, "Log metrics every N steps.", ge=1)
     save_every: int = opt(0, "Save a checkpoint every N steps; 0 = only at the end.", ge=0)
+    resume: Optional[str] = opt(None, "Resume from a checkpoint: 'latest' (of out_dir) or a checkpoint folder.")
     keep_last: int = opt(2, "Number of most recent checkpoints to keep.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files into out_dir.")
     progress: bool = opt(True, "Show a progress bar.")

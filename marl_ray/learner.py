@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,9 @@ class Learner:
                      else ppo.FixedKLController(p.init_kl_coef))
             for p in cfg.policies}
         self.step = 0
+        self.bad_steps = {p: 0 for p in self.policies}  # consecutive steps with a skipped update
+        self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
+        self.recoveries = 0  # steps redone after an actor was lost
         self.ledger: list[dict] = []  # prompt ids consumed per step
         self.history: list[dict] = []
         self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
@@ -126,8 +130,10 @@ class Learner:
             adv, ret = ppo.gae(rewards, ev["values_BR"][rows], mask, gamma=g.gamma, lam=g.lam)
             if g.whiten_advantages:
                 adv = ppo.masked_whiten(adv, mask)
+            finite = all(bool(torch.isfinite(x[mask.bool()]).all()) for x in (rewards, adv, ret)) and bool(
+                torch.isfinite(scores).all())
             out[p] = {"rows": rows, "mask": mask, "scores": scores, "raw_scores": ev["scores_B"][rows], "kl": kl,
-                      "kl_coef": coef, "advantages": adv, "returns": ret}
+                      "kl_coef": coef, "advantages": adv, "returns": ret, "finite": finite}
         return out
 
     def train(self, batch: Batch, ev: dict, adv: dict) -> dict[str, dict]:
@@ -136,11 +142,19 @@ class Learner:
         loss_cfg = {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
         stats = {p: [] for p in self.policies}
+        skipped = {p: 0 for p in self.policies}
+        active = [p for p in self.policies if adv[p]["finite"]]
+        for p in self.policies:
+            if not adv[p]["finite"]:
+                skipped[p] += 1
+                log.warning("step %d, policy %r: non-finite reward/advantage; its update is skipped", self.step, p)
         for _ in range(g.ppo_epochs):
             perms = {p: torch.randperm(len(adv[p]["rows"]), generator=gen).tolist() for p in self.policies}
             for start in range(0, g.batch_size, g.mini_batch_size):
                 pending = {}
-                for p in self.policies:
+                for p in active:
+                    if skipped[p]:
+                        continue
                     local = perms[p][start:start + g.mini_batch_size]
                     rows = [adv[p]["rows"][i] for i in local]
                     total = float(adv[p]["mask"][local].sum().clamp(min=1))
@@ -158,12 +172,24 @@ class Learner:
                     results = get(refs)
                     grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
                     mb_stats = {k: sum(r[1][k] for r in results) for k in results[0][1]}
+                    if not (all(bool(torch.isfinite(v).all()) for v in grads.values())
+                            and all(torch.isfinite(torch.tensor(v)) for v in mb_stats.values())):
+                        # Never let NaN/inf reach the adapters or the optimizer state: drop this
+                        # policy's remaining updates of the step.
+                        skipped[p] += 1
+                        log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
+                        continue
                     grads_ref = put(grads, self.local)
                     sums = get([h.optim_step.remote(p, grads_ref, g.max_grad_norm) for h in self.hosts])
                     if len(set(sums)) != 1:
                         raise ReplicaDivergence(f"policy {p!r}: hosts disagree after step {self.step}: {sums}")
                     stats[p].append(mb_stats)
-        return {p: {f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} for p, v in stats.items()}
+        out = {p: ({f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} if v else {}) for p, v in stats.items()}
+        for p in self.policies:
+            self.bad_steps[p] = self.bad_steps[p] + 1 if skipped[p] else 0
+            self.skip_count[p] += 1 if skipped[p] else 0
+            out[p]["skipped/nonfinite"] = self.skip_count[p]
+        return out
 
     # ------------------------------------------------------------ loop
     def run_step(self) -> dict[str, dict]:
@@ -194,7 +220,8 @@ class Learner:
                 "returns/mean": float(ppo.masked_mean(a["returns"], mask)),
             }
             m.update(train_stats[p])
-            self.kl_ctl[p].update(float(kl_seq.mean()), self.cfg.ppo.batch_size)
+            if a["finite"]:
+                self.kl_ctl[p].update(float(kl_seq.mean()), self.cfg.ppo.batch_size)
             m.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                       "time/step_s": t3 - t0, "perf/samples_per_s": n_samples / (t3 - t0),
                       "perf/gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)})
@@ -225,8 +252,83 @@ class Learner:
     def checksums(self) -> dict[str, list[str]]:
         return {p: get([h.checksum.remote(p) for h in self.hosts]) for p in self.policies}
 
-    def fit(self, steps: int | None = None, on_step=None):
-        """Run PPO steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each."""
+    # ------------------------------------------------------------ state
+    def state(self) -> dict:
+        """Everything of the run outside the policies' weights and optimizers (for checkpoints)."""
+        return {
+            "step": self.step, "kl_ctl": {p: c.state_dict() for p, c in self.kl_ctl.items()},
+            "workers": get([w.state.remote() for w in self.workers]),
+            "host_rng": get([h.rng_state.remote() for h in self.hosts]),
+            "ledger": list(self.ledger), "history": list(self.history),
+            "bad_steps": dict(self.bad_steps), "skip_count": dict(self.skip_count),
+        }
+
+    def set_state(self, state: dict):
+        self.step = state["step"]
+        for p, c in self.kl_ctl.items():
+            c.load_state_dict(state["kl_ctl"][p])
+        get([w.set_state.remote(s) for w, s in zip(self.workers, state["workers"])])
+        get([h.set_rng_state.remote(r) for h, r in zip(self.hosts, state["host_rng"])])
+        self.ledger, self.history = list(state["ledger"]), list(state["history"])
+        self.bad_steps, self.skip_count = dict(state["bad_steps"]), dict(state["skip_count"])
+
+    def save_checkpoint(self) -> Path:
+        """Write OUT/checkpoints/step-N atomically (policies from host 0, as bytes)."""
+        import yaml
+
+        from marl_ray import checkpoint
+        from marl_ray.config import to_dict
+
+        files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
+        meta = {"base_fingerprint": get(self.hosts[0].info.remote())["fingerprint"], "policies": self.policies}
+        return checkpoint.save(self.cfg.run.out_dir, self.step, meta, self.state(), files,
+                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.run.keep_last)
+
+    def load_checkpoint(self, which: str) -> Path:
+        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder)."""
+        from marl_ray import checkpoint
+
+        path = checkpoint.resolve(self.cfg.run.out_dir, which)
+        meta, state, files = checkpoint.load(path)
+        checkpoint.check_compatible(meta, get(self.hosts[0].info.remote())["fingerprint"], self.policies, path)
+        for p in self.policies:
+            sums = get([h.import_policy.remote(p, files[p]) for h in self.hosts])
+            if len(set(sums)) != 1:
+                raise ReplicaDivergence(f"policy {p!r}: hosts disagree after loading {path}: {sums}")
+        self.set_state(state)
+        log.info("resumed from %s (step %d)", path, self.step)
+        return path
+
+    def _snapshot(self) -> dict:
+        """The state at the start of a step: what a failed step is rolled back to."""
+        return {"policies": {p: get(self.hosts[0].get_state.remote(p)) for p in self.policies},
+                "learner": self.state()}
+
+    def _recover(self, snap: dict, timeout_s: float = 300.0):
+        """Wait for restarted actors, then put every host and worker back to the snapshot."""
+        deadline = time.monotonic() + timeout_s
+        probes = [h.info for h in self.hosts] + [w.state for w in self.workers]
+        for probe in probes:
+            while True:
+                try:
+                    get(probe.remote())
+                    break
+                except Exception as e:  # still restarting
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"an actor did not come back within {timeout_s:.0f}s: {e}") from e
+                    time.sleep(1.0)
+        for p, st in snap["policies"].items():
+            sums = get([h.set_state.remote(p, st) for h in self.hosts])
+            if len(set(sums)) != 1:
+                raise ReplicaDivergence(f"policy {p!r}: hosts disagree after recovery: {sums}")
+        self.set_state(snap["learner"])
+
+    def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
+        """Run PPO steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each.
+
+        A step that loses an actor (Ray restarts it) is rolled back to its start on every host
+        and worker and redone with the same seeds: no sample is lost or counted twice.
+        """
         from tqdm import tqdm
 
         end = self.cfg.ppo.steps if steps is None else self.step + steps
@@ -235,14 +337,35 @@ class Learner:
             if len(set(s)) != 1:
                 raise ReplicaDivergence(f"policy {p!r}: hosts start from different weights: {s}")
         bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not self.cfg.run.progress)
+        save_every = self.cfg.run.save_every
         try:
             while self.step < end:
-                metrics = self.run_step()
+                snap = None if self.local else self._snapshot()
+                for attempt in range(max_step_retries + 1):
+                    try:
+                        metrics = self.run_step()
+                        break
+                    except Exception as e:
+                        if snap is None or not _actor_lost(e) or attempt == max_step_retries:
+                            raise
+                        self.recoveries += 1
+                        log.warning("step %d lost an actor (%s); restoring and redoing the step", self.step,
+                                    type(e).__name__)
+                        self._recover(snap)
                 self.history.append({"step": self.step - 1, "metrics": metrics})
                 if self.logger is not None:
                     self.logger.log(self.step - 1, metrics)
                 if on_step is not None:
                     on_step(self.step - 1, metrics)
+                bad = [p for p, n in self.bad_steps.items() if n >= self.cfg.ppo.max_nonfinite_steps]
+                if bad:
+                    path = self.save_checkpoint()
+                    raise NonFiniteError(
+                        f"policies {bad}: updates skipped for non-finite numbers {self.cfg.ppo.max_nonfinite_steps} "
+                        f"steps in a row; last good state saved to {path}. Lower the learning rate or check "
+                        "the reward adapter.")
+                if save_every and self.step % save_every == 0 and self.step < end:
+                    self.save_checkpoint()
                 first = metrics[self.policies[0]]
                 bar.set_postfix(samples_s=f"{first['perf/samples_per_s']:.1f}",
                                 **{p: f"{m['objective/scores']:+.2f}" for p, m in metrics.items()})
@@ -250,3 +373,22 @@ class Learner:
         finally:
             bar.close()
         return self.history
+
+
+class NonFiniteError(RuntimeError):
+    """A policy's updates were skipped for NaN/inf too many steps in a row."""
+
+
+def _actor_lost(e: BaseException) -> bool:
+    """True for a dead or restarting actor, also when it surfaces inside another actor's task."""
+    try:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+    except ImportError:
+        return False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (RayActorError, ActorUnavailableError)):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False

@@ -23,6 +23,14 @@ class MetricsLogger:
 
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
+    def truncate(self, step: int):
+        """Drop JSONL lines of steps >= `step` (a resumed run redoes them)."""
+        self.jsonl.close()
+        path = self.dir / "metrics.jsonl"
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+        self.jsonl = open(path, "a")
+
     def log(self, step: int, metrics: dict[str, dict[str, float]]):
         for policy, m in metrics.items():
             self.jsonl.write(json.dumps({"step": step, "policy": policy, **m}) + "\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from marl_ray import ppo
+from marl_ray.adapter_io import VALUE_HEAD_FILE
 
 
 def _rss_mib() -> float:
@@ -225,6 +226,41 @@ class ModelHost:
             torch.save(self.optimizers[policy].state_dict(), tmp)
             os.replace(tmp, folder / "optimizer.pt")
         return str(folder)
+
+    def export_policy(self, policy: str) -> dict[str, bytes]:
+        """The files of `policy` (peft folder + value head + optimizer.pt) as bytes, for a
+        checkpoint written by the learner, wherever it runs."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / policy
+            self.save_state(policy, str(folder))
+            return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+
+    def import_policy(self, policy: str, files: dict[str, bytes]) -> str:
+        """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
+        import io
+
+        from safetensors.torch import load as load_safetensors
+
+        from marl_ray.adapter_io import ADAPTER_WEIGHTS
+
+        lora = load_safetensors(files[ADAPTER_WEIGHTS])
+        head = load_safetensors(files[VALUE_HEAD_FILE])
+        params = self.model.policy_state(policy)
+        with torch.no_grad():
+            for k, p in params.items():
+                if k.startswith("value_head."):
+                    src, k_src = head, k[len("value_head."):]
+                else:  # peft files name LoRA weights without the adapter name
+                    src, k_src = lora, k.replace(f".{policy}.weight", ".weight")
+                if k_src not in src:
+                    raise ValueError(f"checkpoint of policy {policy!r} lacks {k_src}")
+                p.copy_(src[k_src])
+        if "optimizer.pt" in files:
+            self.optimizers[policy].load_state_dict(
+                torch.load(io.BytesIO(files["optimizer.pt"]), map_location="cpu", weights_only=False))
+        return self.checksum(policy)
 
     def get_state(self, policy: str) -> dict:
         """Weights + optimizer state of `policy`, to restore another replica from this one."""

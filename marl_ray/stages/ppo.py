@@ -69,9 +69,15 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         log.info("%d host(s) on nodes %s; base %s (%s)", len(hosts), [str(i["node_id"])[:8] for i in infos],
                  infos[0]["fingerprint"], infos[0]["quantization"])
         learner = Learner(cfg, hosts, workers, worker_host, logger, gold_fn=gold_fn)
+        if cfg.run.resume:
+            learner.load_checkpoint(cfg.run.resume)
+            logger.truncate(learner.step)  # metrics of steps after the checkpoint are redone
+        else:
+            logger.truncate(0)  # a fresh run in an old folder starts a fresh metrics file
         extra = {"start": on_start(learner) if on_start else None}
         learner.fit(on_step=on_step)
         extra["end"] = on_end(learner) if on_end else None
+        checkpoint_path = learner.save_checkpoint()
         saved = {}
         for p in learner.policies:
             saved[p] = get(hosts[0].save_state.remote(p, str(out / "policies" / p)))
@@ -80,6 +86,7 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             "policies": {p: learner.history[-1]["metrics"][p] for p in learner.policies},
             "saved": saved, "hosts": infos, "checksums": learner.checksums(), "ledger": learner.ledger,
             "steps": learner.step, "wall_s": time.perf_counter() - t0, "extra": extra,
+            "checkpoint": str(checkpoint_path), "recoveries": learner.recoveries, "skip_count": learner.skip_count,
         }
         (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
