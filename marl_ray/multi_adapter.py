@@ -85,6 +85,8 @@ def load_base(name_or_path: str, quantization="none", dtype="fp32", device_map=N
     kwargs = {"dtype": torch_dtype}
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+    if device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}  # a host owns its node's (or its Ray-assigned) GPU
     if device_map is not None:
         kwargs["device_map"] = device_map
     verbosity = hf_logging.get_verbosity()

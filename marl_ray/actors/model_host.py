@@ -84,9 +84,12 @@ class ModelHost:
 
     # ------------------------------------------------------------ info
     def info(self) -> dict:
-        import ray
+        try:
+            import ray
 
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except ImportError:
+            node = "local"
         return {
             "host_index": self.host_index, "pid": os.getpid(), "node_id": node,
             "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
@@ -94,7 +97,7 @@ class ModelHost:
             "base_params": sum(p.numel() for p in self.model.base.parameters()),
             "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": self.baseline_rss_mib,
             "base_copies": self.base_copies(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "device": str(self.model.device),
         }
 
     def base_copies(self) -> int:

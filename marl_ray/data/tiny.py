@@ -20,6 +20,7 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8),
     "medium": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8),
     "large": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=8),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16),  # ~0.94B with a 32k vocab
 }
 
 
