@@ -74,7 +74,10 @@ def save(out_dir: str | Path, step: int, meta: dict, state: dict, policy_files: 
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "time": time.time()}, indent=2))
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Unlisted first (dot-prefixed), then deleted: a crash mid-delete leaves no listed, gutted folder.
+        doomed = old.with_name(f".{old.name}.del")
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
 
 

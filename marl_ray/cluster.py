@@ -13,18 +13,36 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 
+def _is_loopback(address: str) -> bool:
+    """True for 127.0.0.1:PORT, localhost:PORT, [::1]:PORT (with or without a scheme)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Join `address` (or RAY_ADDRESS), or start a private local Ray on loopback."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and not _is_loopback(address):
+        ray.init(address=address, log_to_driver=True)  # a real cluster: Ray finds this node's address
+        return
+    # A private Ray, or a cluster bound to 127.0.0.1 (deployments/local_head.sh): stay on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read by the Ray processes started here
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        # Ray read the variable when it was imported (before this function ran); without this, ray.init
+        # resolves 127.0.0.1 (the address, and _node_ip_address) to this machine's outward IP.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        # address="local": always a new private instance, never one found via /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
 
 
 def alive_nodes() -> list[dict]:

@@ -25,6 +25,13 @@ class ReplicaDivergence(RuntimeError):
     """Hosts hold different weights for a policy after the same step."""
 
 
+class ActorRestarted(RuntimeError):
+    """An actor was restarted by Ray since the last snapshot: its in-memory state is gone.
+
+    Ray restarts an actor that dies between calls without raising anything to the caller;
+    only its new process id gives it away."""
+
+
 @dataclass
 class Batch:
     """One step's trajectories: N rows of [left-padded prompt | response] (T = P + R)."""
@@ -72,6 +79,7 @@ class Learner:
         self.bad_steps = {p: 0 for p in self.policies}  # consecutive steps with a skipped update
         self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
         self.recoveries = 0  # steps redone after an actor was lost
+        self._actor_pids = None  # pids of hosts + workers when their state was last known good (Ray)
         self.ledger: list[dict] = []  # prompt ids consumed per step
         self.history: list[dict] = []
         self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
@@ -281,7 +289,11 @@ class Learner:
 
         files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
         meta = {"base_fingerprint": get(self.hosts[0].info.remote())["fingerprint"], "policies": self.policies}
-        return checkpoint.save(self.cfg.run.out_dir, self.step, meta, self.state(), files,
+        state = self.state()
+        if self._actor_pids is not None and self._pids() != self._actor_pids:
+            # A restarted host would have exported its initial weights: write nothing.
+            raise ActorRestarted(f"an actor was restarted before the checkpoint of step {self.step} was read")
+        return checkpoint.save(self.cfg.run.out_dir, self.step, meta, state, files,
                                yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.run.keep_last)
 
     def load_checkpoint(self, which: str) -> Path:
@@ -299,10 +311,23 @@ class Learner:
         log.info("resumed from %s (step %d)", path, self.step)
         return path
 
+    def _pids(self) -> list[int]:
+        return get([a.pid.remote() for a in list(self.hosts) + list(self.workers)])
+
+    def _restarted(self, snap: dict) -> bool:
+        """True when an actor was restarted since `snap` (or does not answer)."""
+        try:
+            return self._pids() != snap["pids"]
+        except Exception:
+            return True
+
     def _snapshot(self) -> dict:
-        """The state at the start of a step: what a failed step is rolled back to."""
-        return {"policies": {p: get(self.hosts[0].get_state.remote(p)) for p in self.policies},
+        """The state at the start of a step: what a failed step is rolled back to. The actors'
+        pids are read after their state: unchanged pids later prove no actor restarted meanwhile."""
+        snap = {"policies": {p: get(self.hosts[0].get_state.remote(p)) for p in self.policies},
                 "learner": self.state()}
+        snap["pids"] = self._actor_pids = self._pids()
+        return snap
 
     def _recover(self, snap: dict, timeout_s: float = 300.0):
         """Wait for restarted actors, then put every host and worker back to the snapshot."""
@@ -317,6 +342,7 @@ class Learner:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"an actor did not come back within {timeout_s:.0f}s: {e}") from e
                     time.sleep(1.0)
+        snap["pids"] = self._actor_pids = self._pids()  # before restoring: a restart after this shows
         for p, st in snap["policies"].items():
             sums = get([h.set_state.remote(p, st) for h in self.hosts])
             if len(set(sums)) != 1:
@@ -327,7 +353,9 @@ class Learner:
         """Run PPO steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each.
 
         A step that loses an actor (Ray restarts it) is rolled back to its start on every host
-        and worker and redone with the same seeds: no sample is lost or counted twice.
+        and worker and redone with the same seeds: no sample is lost or counted twice. The
+        rollback point of the next step is read at the end of a step, inside the same retry, and
+        an actor that Ray restarted silently (it died between calls) is caught by its new pid.
         """
         from tqdm import tqdm
 
@@ -339,19 +367,26 @@ class Learner:
         bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not self.cfg.run.progress)
         save_every = self.cfg.run.save_every
         try:
+            snap = None if self.local else self._snapshot()
             while self.step < end:
-                snap = None if self.local else self._snapshot()
+                next_snap = None
                 for attempt in range(max_step_retries + 1):
                     try:
                         metrics = self.run_step()
+                        if snap is not None:
+                            next_snap = self._snapshot()
+                            if next_snap["pids"] != snap["pids"]:
+                                raise ActorRestarted(f"an actor was restarted during step {self.step - 1}")
                         break
                     except Exception as e:
-                        if snap is None or not _actor_lost(e) or attempt == max_step_retries:
+                        if snap is None or attempt == max_step_retries or not (
+                                _actor_lost(e) or self._restarted(snap)):
                             raise
                         self.recoveries += 1
-                        log.warning("step %d lost an actor (%s); restoring and redoing the step", self.step,
-                                    type(e).__name__)
+                        log.warning("step %d lost an actor (%s); restoring and redoing the step",
+                                    snap["learner"]["step"], type(e).__name__)
                         self._recover(snap)
+                snap = next_snap
                 self.history.append({"step": self.step - 1, "metrics": metrics})
                 if self.logger is not None:
                     self.logger.log(self.step - 1, metrics)
@@ -359,13 +394,13 @@ class Learner:
                     on_step(self.step - 1, metrics)
                 bad = [p for p, n in self.bad_steps.items() if n >= self.cfg.ppo.max_nonfinite_steps]
                 if bad:
-                    path = self.save_checkpoint()
+                    path = self._save(snap)
                     raise NonFiniteError(
                         f"policies {bad}: updates skipped for non-finite numbers {self.cfg.ppo.max_nonfinite_steps} "
                         f"steps in a row; last good state saved to {path}. Lower the learning rate or check "
                         "the reward adapter.")
                 if save_every and self.step % save_every == 0 and self.step < end:
-                    self.save_checkpoint()
+                    self._save(snap)
                 first = metrics[self.policies[0]]
                 bar.set_postfix(samples_s=f"{first['perf/samples_per_s']:.1f}",
                                 **{p: f"{m['objective/scores']:+.2f}" for p, m in metrics.items()})
@@ -373,6 +408,21 @@ class Learner:
         finally:
             bar.close()
         return self.history
+
+    def _save(self, snap: dict | None, retries: int = 2) -> Path:
+        """save_checkpoint; an actor lost meanwhile is restored to `snap` (this very state) first."""
+        for attempt in range(retries + 1):
+            try:
+                return self.save_checkpoint()
+            except Exception as e:
+                if snap is None or attempt == retries or not (_actor_lost(e) or self._restarted(snap)):
+                    raise
+                self.recoveries += 1
+                log.warning("an actor was lost while saving step %d (%s); restoring and saving again", self.step,
+                            type(e).__name__)
+                history = list(self.history)  # `snap` was read before this step's metrics were added
+                self._recover(snap)
+                self.history = history
 
 
 class NonFiniteError(RuntimeError):

@@ -83,6 +83,10 @@ class ModelHost:
         self.gen_cfg = self.model.base.generation_config
 
     # ------------------------------------------------------------ info
+    def pid(self) -> int:
+        """This process's id: cheap; a host Ray restarted has another (the learner checks it each step)."""
+        return os.getpid()
+
     def info(self) -> dict:
         try:
             import ray

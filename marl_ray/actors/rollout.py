@@ -7,6 +7,7 @@ explicit state (`state` / `set_state`) so a checkpoint can resume the stream exa
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class RolloutWorker:
         self.epoch = 0  # completed passes over the shard
         self.truncated = 0
         self.skipped_empty = 0
+
+    def pid(self) -> int:
+        """This process's id: a worker Ray restarted has another (the learner checks it each step)."""
+        return os.getpid()
 
     def state(self) -> dict:
         return {"position": self.position, "epoch": self.epoch}

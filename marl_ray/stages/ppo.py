@@ -22,12 +22,29 @@ def check_inputs(cfg: PPORunConfig):
     for i, r in enumerate(cfg.rewards):
         if local(r.path) and not Path(r.path).expanduser().exists():
             raise ConfigError(f"rewards[{i}].path: {r.path!r} does not exist (train one with `marl-ray reward`)")
+        folder = Path(r.path).expanduser()
+        if folder.is_dir():  # a half-written folder fails here, not inside a host actor
+            from marl_ray.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
+            missing = [] if (folder / ADAPTER_CONFIG).is_file() else [ADAPTER_CONFIG]
+            if not ((folder / ADAPTER_WEIGHTS).is_file() or (folder / ADAPTER_WEIGHTS_BIN).is_file()):
+                missing.append(ADAPTER_WEIGHTS)
+            if missing:
+                raise ConfigError(f"rewards[{i}].path: {r.path!r} has no {' or '.join(missing)}: not a complete "
+                                  "peft adapter folder (half-written?); save it again")
     for i, p in enumerate(cfg.policies):
         if p.init_from and not Path(p.init_from).expanduser().exists():
             raise ConfigError(f"policies[{i}].init_from: {p.init_from!r} does not exist")
     if cfg.data.prompts != "embedded" and not Path(cfg.data.prompts).exists():
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} does not exist (a JSONL file with a 'prompt' field, "
                           "or 'embedded')")
+    if cfg.data.prompts != "embedded":  # a malformed line fails here (named), not inside a rollout worker
+        from marl_ray.actors.rollout import load_prompts
+
+        try:
+            load_prompts(cfg.data.prompts)
+        except ValueError as e:
+            raise ConfigError(f"data.prompts: {e}") from None
 
 
 def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=None, on_start=None,
@@ -48,7 +65,6 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
     check_inputs(cfg)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     inprocess = cfg.cluster.runtime == "inprocess"
     started_here = not inprocess and not ray.is_initialized()
     if not inprocess:
@@ -74,6 +90,8 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             logger.truncate(learner.step)  # metrics of steps after the checkpoint are redone
         else:
             logger.truncate(0)  # a fresh run in an old folder starts a fresh metrics file
+        # Only now: a run refused above (bad adapter, mismatching checkpoint) leaves the folder as it was.
+        save_config(cfg, out / "config.yaml")
         extra = {"start": on_start(learner) if on_start else None}
         learner.fit(on_step=on_step)
         extra["end"] = on_end(learner) if on_end else None
