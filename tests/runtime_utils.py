@@ -1,0 +1,319 @@
+"""Helpers for the Ray runtime tests (test_runtime.py, test_job_submit.py).
+
+Every Ray process these tests start binds to 127.0.0.1, runs with token auth on (a throw-away
+token in a temp file, never ~/.ray/auth_token) and a private temp dir, and is stopped by pid:
+never `ray stop`, which would also stop other Ray instances on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+VENV_BIN = str(Path(sys.executable).parent)
+RAY = str(Path(sys.executable).parent / "ray")
+REPO = Path(__file__).resolve().parents[1]
+
+# Distinct prompts (ids 0..11): two rollout workers x 6 = exactly one epoch of each shard.
+PROMPTS = [
+    "the movie was", "a terrible film with", "the music was nice but", "what a wonderful",
+    "i would not watch", "a movie review should", "the ending was sad and", "two hours of my",
+    "the acting in this film", "my friends and i", "the plot of the story", "this is the best",
+]
+TEXTS = [
+    "the movie was great and i loved every minute of it",
+    "a terrible film with bad acting and a boring plot",
+    "the music was nice but the story made no sense",
+    "what a wonderful performance by the whole cast",
+    "i would not watch this movie again",
+    "a movie review should say what the film is about",
+    "the ending was sad and beautiful at the same time",
+    "two hours of my life that i will never get back",
+    "the acting in this film was the best part",
+    "my friends and i laughed at the plot of the story",
+] * 6
+
+_ASSETS: dict[str, dict] = {}
+
+
+# ------------------------------------------------------------------ model assets
+def tiny_assets(root: Path) -> dict:
+    """A tiny Llama base and a TRL-format reward adapter (SEQ_CLS LoRA + score head) under `root`.
+
+    Built once per process (cached by path), seeded, no downloads. Returns {"base", "reward", "prompts"}
+    (prompts: a JSONL file of PROMPTS).
+    """
+    key = str(root)
+    if key in _ASSETS:
+        return _ASSETS[key]
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from marl_ray.data.tiny import build_tiny
+
+    root = Path(root)
+    base = build_tiny(root / "base", texts=TEXTS, size="tiny", seed=0)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            seq = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+            rm = get_peft_model(seq, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                target_modules=["q_proj", "v_proj"]))
+            with torch.no_grad():
+                for n, w in rm.named_parameters():
+                    if w.requires_grad and ("lora_B" in n or "score" in n):
+                        torch.nn.init.normal_(w, std=0.1)
+            rm.save_pretrained(str(root / "reward"))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    del seq, rm
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    _ASSETS[key] = {"base": str(base), "reward": str(root / "reward"), "prompts": str(prompts)}
+    return _ASSETS[key]
+
+
+def run_config(assets: dict, out_dir: str, **sections) -> dict:
+    """A small two-policy (up/down) PPO config dict on `assets`; `sections` replace/extend sections."""
+    cfg = {
+        "model": {"base": assets["base"]},
+        "rewards": [{"name": "rm", "path": assets["reward"]}],
+        "policies": [{"name": "up", "reward": "rm", "lr": 1.0e-3, "lora": {"r": 4, "alpha": 8}},
+                     {"name": "down", "reward": "rm", "reward_weight": -1.0, "lr": 1.0e-3,
+                      "lora": {"r": 4, "alpha": 8}}],
+        "generation": {"max_new_tokens": 6},
+        "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1},
+        "cluster": {"rollout_workers": 1, "host_num_cpus": 1},
+        "run": {"out_dir": str(out_dir), "tensorboard": False, "progress": False},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------ ports, env, processes
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together while picked, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def new_token_file(folder: Path) -> Path:
+    """A fresh random Ray auth token in `folder`/auth_token (mode 600)."""
+    path = Path(folder) / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+def ray_env(token_path: Path, **extra) -> dict:
+    """Environment for Ray CLI processes: loopback, token auth from `token_path`, the venv first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    env.update({
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "RAY_USAGE_STATS_ENABLED": "0", "PATH": VENV_BIN + os.pathsep + env.get("PATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def short_temp_dir(prefix: str = "rt") -> str:
+    """A private Ray temp dir with a short path (Ray's unix sockets live under it)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def procs_with(marker: str, exclude_self: bool = True) -> list:
+    """Live processes whose command line mentions `marker` (e.g. a Ray temp dir)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if exclude_self and p.pid == os.getpid():
+                continue
+            if p.info["cmdline"] and any(marker in a for a in p.info["cmdline"]) and p.status() != "zombie":
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def kill_procs(procs, timeout: float = 10.0):
+    """SIGTERM, then SIGKILL what is left, of exactly these processes."""
+    import psutil
+
+    procs = [p for p in procs if p.is_running()]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def listening_addresses(procs) -> dict[int, list[str]]:
+    """pid -> the addresses its listening TCP sockets are bound to."""
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        addrs = [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN]
+        if addrs:
+            out[p.pid] = addrs
+    return out
+
+
+def is_loopback(addr: str) -> bool:
+    """127.0.0.0/8, ::1 and the IPv4-mapped ::ffff:127.x.y.z (how gRPC reports a 127.0.0.1 bind)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def non_loopback(addr_map: dict[int, list[str]]) -> dict[int, list[str]]:
+    """The entries of `addr_map` bound beyond loopback (0.0.0.0, ::, or an interface address)."""
+    bad = {pid: [a for a in addrs if not is_loopback(a)] for pid, addrs in addr_map.items()}
+    return {pid: addrs for pid, addrs in bad.items() if addrs}
+
+
+def http_status(url: str, token: str | None = None, timeout: float = 5.0) -> int:
+    """HTTP status of GET `url` (with a bearer token if given); 0 when nothing answers."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ------------------------------------------------------------------ a CLI head
+class LocalHead:
+    """`ray start --head --block` on loopback with token auth, a private temp dir and free ports.
+
+    `--block` keeps `ray start` in the foreground; SIGTERM to it stops every process of this head
+    (and only this head). `stop()` then kills, by pid, anything left that mentions the temp dir.
+    """
+
+    def __init__(self, folder: Path, num_cpus: int = 2):
+        self.folder = Path(folder)
+        self.token_path = new_token_file(self.folder)
+        self.token = self.token_path.read_text()
+        self.temp_dir = short_temp_dir("rjh")
+        self.gcs_port, self.dashboard_port, self.client_port, self.agent_port = free_ports(4)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = ray_env(self.token_path)
+        self.num_cpus = num_cpus
+        self.proc = None
+        self.log = self.folder / "head.log"
+        self.children = []
+
+    def start(self, timeout: float = 90.0) -> "LocalHead":
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+               f"--ray-client-server-port={self.client_port}", f"--dashboard-agent-listen-port={self.agent_port}",
+               f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--object-store-memory=200000000",
+               "--disable-usage-stats"]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+                                         start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if (http_status(self.address + "/api/version", self.token) == 200 and port_open(self.agent_port)):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the Ray head did not come up in {timeout:.0f}s:\n{self.log.read_text()[-3000:]}")
+
+    def cli(self, *args, timeout: float = 300.0, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run `ray ARGS` against this head (its token in the environment); stdout + stderr together."""
+        return subprocess.run([RAY, *args], env=env or self.env, cwd=self.folder, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def processes(self):
+        import psutil
+
+        procs = procs_with(self.temp_dir)
+        if self.proc is not None:
+            try:
+                procs += [p for p in psutil.Process(self.proc.pid).children(recursive=True) if p not in procs]
+            except psutil.NoSuchProcess:
+                pass
+        return procs
+
+    def stop(self, timeout: float = 30.0):
+        import psutil
+
+        if self.proc is None:
+            return
+        self.children = self.processes()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        psutil.wait_procs([p for p in self.children if p.is_running()], timeout=10)
+        kill_procs([p for p in self.children if p.is_running()] + procs_with(self.temp_dir))
+        self.proc = None
+        if not procs_with(self.temp_dir):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def leftovers(self) -> list:
+        return [p for p in self.children if p.is_running() and p.status() != "zombie"] + procs_with(self.temp_dir)

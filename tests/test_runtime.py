@@ -1,0 +1,380 @@
+"""The Ray runtime on a real two-node cluster on one machine (CPU, loopback, token auth on).
+
+`ray.cluster_utils.Cluster` starts two raylets (num_cpus=1 each) bound to 127.0.0.1; the project's
+own `start_actors` places one ModelHost per node (STRICT_SPREAD) and two rollout workers, and the
+`Learner` trains two policies (a, b) for 3 steps. The tests then check placement, replica
+identity after every step, that a gradient summed over two hosts' half-minibatches gives the
+same step as one host on the whole minibatch, that only hosts hold base weights, that training
+one policy through the host API leaves the other policy, the reward adapter and the base
+bit-identical, and the prompt ledger. The deployment configs are validated here too.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from runtime_utils import (REPO, free_ports, kill_procs, listening_addresses, new_token_file, non_loopback,
+                           procs_with, short_temp_dir, tiny_assets)
+
+CONFIGS = sorted((REPO / "deployments" / "configs").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------- deployments
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_deployment_configs_validate(path):
+    from marl_ray.config import PPORunConfig, load_config
+
+    cfg = load_config(PPORunConfig, str(path))
+    assert len(cfg.policies) >= 2, "the deployment configs train several policies on one base"
+    if path.name == "local.yaml":
+        assert [p.name for p in cfg.policies] == ["up", "down"]
+        assert cfg.model.base == "runs/demo/base" and cfg.rewards[0].path == "runs/demo/reward"
+        assert cfg.cluster.host_num_gpus == 0 and cfg.model.quantization == "none"
+    if path.name == "gpu.yaml":
+        assert cfg.model.quantization == "4bit" and cfg.cluster.host_num_gpus == 1
+
+
+def test_deployment_configs_present():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "gpu.yaml"}
+
+
+def test_deployment_manifests_parse():
+    """rayjob.yaml, cluster.yaml and runtime_env.yaml are valid YAML with token auth and the PPO entrypoint."""
+    import subprocess
+
+    import yaml
+
+    dep = REPO / "deployments"
+    job = yaml.safe_load((dep / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob"
+    assert job["spec"]["entrypoint"] == "python -m marl_ray ppo --config deployments/configs/gpu.yaml"
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert env["pip"]["packages"] and "env_vars" in env
+    cluster_spec = job["spec"]["rayClusterSpec"]
+    assert cluster_spec["authOptions"]["mode"] == "token"
+    gpu_groups = [g for g in cluster_spec["workerGroupSpecs"]
+                  if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    assert gpu_groups and all(g["rayStartParams"]["num-gpus"] == "1" for g in gpu_groups)
+
+    launcher = yaml.safe_load((dep / "cluster.yaml").read_text())
+    head_cmd = " ".join(launcher["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_cmd and "--dashboard-host=127.0.0.1" in head_cmd
+    assert "RAY_AUTH_MODE=token" in " ".join(launcher["worker_start_ray_commands"])
+
+    runtime_env = yaml.safe_load((dep / "runtime_env.yaml").read_text())
+    assert runtime_env["pip"]["packages"] and runtime_env["env_vars"]
+    r = subprocess.run(["bash", "-n", str(dep / "local_head.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------------- the cluster
+def _reset_auth_cache():
+    """Make Ray's cached config and token loader re-read RAY_AUTH_* from the environment."""
+    try:
+        from ray._private.authentication_test_utils import reset_auth_token_state
+    except ImportError:  # an older Ray caches nothing
+        return
+    reset_auth_token_state()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Two raylets on 127.0.0.1 (one CPU each), token auth on, a private temp dir; the driver connected.
+
+    The cluster never writes /tmp/ray/ray_current_cluster (which would make a plain `ray.init()` of
+    anyone else on this machine join it), and is stopped by pid at the end.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts anything: loopback only
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN_PATH", str(new_token_file(tmp_path_factory.mktemp("auth"))))
+    mp.delenv("RAY_AUTH_TOKEN", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    import ray
+    import ray._common.utils
+    import ray._private.utils
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from marl_ray.cluster import alive_nodes, init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # Ray read the env var at import, maybe earlier
+    mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    _reset_auth_cache()
+    temp_dir = short_temp_dir("rtc")
+    c = None
+    try:
+        agent_port, dashboard_port = free_ports(2)  # not the defaults: other Rays may run on this machine
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": temp_dir,
+            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+            "dashboard_agent_listen_port": agent_port, "object_store_memory": 100 * 1024 * 1024})
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=temp_dir,
+                   object_store_memory=100 * 1024 * 1024)
+        c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:")
+        init_ray(address=c.address)
+        assert len(alive_nodes()) == 2
+        yield {"cluster": c, "temp_dir": temp_dir}
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            if c is not None:
+                c.shutdown()
+            kill_procs(procs_with(temp_dir))
+        finally:
+            mp.undo()
+            _reset_auth_cache()
+        left = procs_with(temp_dir)
+        assert not left, f"Ray processes of the test cluster still running: {[p.pid for p in left]}"
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _checksums(hosts, policy):
+    import ray
+
+    return ray.get([h.checksum.remote(policy) for h in hosts])
+
+
+def _frozen_sums(hosts):
+    """(reward adapter checksum, base checksum) per host."""
+    import ray
+
+    return ray.get([h.role_checksum.remote("rm") for h in hosts]), ray.get([h.base_checksum.remote() for h in hosts])
+
+
+@pytest.fixture(scope="module")
+def run(cluster, tmp_path_factory):
+    """Hosts, workers and a Learner on the two-node cluster, after 3 PPO steps of policies a and b."""
+    import ray
+
+    from marl_ray.cluster import shutdown_actors, start_actors
+    from marl_ray.config import PPORunConfig, load_config
+    from marl_ray.learner import Learner
+
+    assets = tiny_assets(tmp_path_factory.mktemp("runtime_assets"))
+    cfg = load_config(PPORunConfig, base={
+        "model": {"base": assets["base"]},
+        "rewards": [{"name": "rm", "path": assets["reward"]}],
+        "policies": [{"name": "a", "reward": "rm", "lr": 1e-3, "lora": {"r": 4, "alpha": 8}},
+                     {"name": "b", "reward": "rm", "reward_weight": -1.0, "lr": 1e-3, "lora": {"r": 4, "alpha": 8}}],
+        "generation": {"max_new_tokens": 6},
+        "ppo": {"steps": 3, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1},
+        "cluster": {"rollout_workers": 2, "host_num_cpus": 1},
+        "data": {"prompts": assets["prompts"]},
+        "run": {"out_dir": str(tmp_path_factory.mktemp("runtime_out")), "tensorboard": False, "progress": False},
+    })
+    driver_bytes0 = _tensor_bytes_here()  # whatever this process held before (other tests, the assets)
+    hosts, workers, worker_host, placement = start_actors(cfg, seed=cfg.run.seed)
+    extra = []
+    try:
+        infos = ray.get([h.info.remote() for h in hosts])
+        learner = Learner(cfg, hosts, workers, worker_host)
+        frozen_before = _frozen_sums(hosts)
+        start = learner.checksums()
+        per_step = []
+        learner.fit(on_step=lambda step, metrics: per_step.append((step, learner.checksums(), metrics)))
+        yield {"cfg": cfg, "hosts": hosts, "workers": workers, "placement": placement, "infos": infos,
+               "learner": learner, "start": start, "per_step": per_step, "frozen_before": frozen_before,
+               "frozen_after": _frozen_sums(hosts), "worker_states": ray.get([w.state.remote() for w in workers]),
+               "extra": extra, "assets": assets, "driver_bytes0": driver_bytes0}
+    finally:
+        shutdown_actors(workers + hosts + extra, placement.pg)
+
+
+def test_cluster_binds_loopback_only(cluster, run):
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+    procs = procs_with(cluster["temp_dir"])
+    assert len(procs) >= 6, "expected the gcs, two raylets and their workers"
+    listening = listening_addresses(procs)
+    assert listening
+    assert not non_loopback(listening), f"Ray processes listening beyond loopback: {non_loopback(listening)}"
+
+
+def test_one_host_per_node_and_identical_replicas_after_every_step(run):
+    import ray
+
+    infos = run["infos"]
+    node_ids = [i["node_id"] for i in infos]
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(infos) == 2 and len(set(node_ids)) == 2 and set(node_ids) == alive
+    assert node_ids == run["placement"].node_ids
+    assert len({i["pid"] for i in infos}) == 2
+    assert len({i["fingerprint"] for i in infos}) == 1
+    # Replicas start identical and stay identical after every step (the Learner also raises
+    # ReplicaDivergence on any mismatch after each optimizer step).
+    for p in ("a", "b"):
+        assert len(set(run["start"][p])) == 1
+    assert [s for s, _, _ in run["per_step"]] == [0, 1, 2]
+    seen = {p: [run["start"][p][0]] for p in ("a", "b")}
+    for step, sums, metrics in run["per_step"]:
+        assert set(metrics) == {"a", "b"}
+        for p in ("a", "b"):
+            assert len(sums[p]) == 2 and sums[p][0] == sums[p][1], f"step {step} policy {p}: {sums[p]}"
+            assert sums[p][0] != seen[p][-1], f"policy {p} did not change at step {step}"
+            seen[p].append(sums[p][0])
+    # Training policies never touches the reward adapter or the base.
+    assert run["frozen_before"] == run["frozen_after"]
+    rm, base = run["frozen_after"]
+    assert len(set(rm)) == 1 and len(set(base)) == 1
+
+
+def _minibatch(batch, ev, adv, policy, local):
+    rows = [adv[policy]["rows"][i] for i in local]
+    return {"input_ids": batch.input_ids[rows], "attention_mask": batch.attention_mask[rows],
+            "response_start": batch.response_start, "mask": adv[policy]["mask"][local],
+            "old_logprobs": ev["logprobs_BR"][rows], "old_values": ev["values_BR"][rows],
+            "advantages": adv[policy]["advantages"][local], "returns": adv[policy]["returns"][local]}
+
+
+def _loss_cfg(cfg):
+    g = cfg.ppo
+    return {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
+
+
+def _sharded_grads(hosts, batch, ev, adv, policy, local, cfg):
+    """Each host's share of the minibatch `local` (contiguous split, as the Learner does); grads summed."""
+    import ray
+
+    from marl_ray.learner import _split
+
+    total = float(adv[policy]["mask"][local].sum().clamp(min=1))
+    refs = [h.forward_backward.remote(policy, _minibatch(batch, ev, adv, policy, [local[i] for i in shard]), total,
+                                      _loss_cfg(cfg))
+            for h, shard in zip(hosts, _split(len(local), len(hosts)))]
+    results = ray.get(refs)
+    grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
+    stats = {k: sum(r[1][k] for r in results) for k in results[0][1]}
+    return grads, stats
+
+
+def test_sharded_gradient_step_equals_single_host_step(run):
+    """Two hosts on half a minibatch each, grads summed, one optimizer step on both == one host doing
+    forward_backward on the whole minibatch and the same optimizer step."""
+    import ray
+
+    from marl_ray.actors.model_host import ModelHost
+    from marl_ray.config import to_dict
+
+    cfg, hosts, learner = run["cfg"], run["hosts"], run["learner"]
+    solo = ray.remote(ModelHost).options(num_cpus=0, max_concurrency=1).remote(
+        to_dict(cfg.model), [to_dict(r) for r in cfg.rewards], [to_dict(p) for p in cfg.policies],
+        seed=cfg.run.seed, torch_threads=1, host_index=2)
+    run["extra"].append(solo)
+    policy = "a"
+    # The single host takes over the replicas' current weights and optimizer state.
+    state = ray.get(hosts[0].get_state.remote(policy))
+    assert ray.get(solo.set_state.remote(policy, state)) == _checksums(hosts, policy)[0]
+
+    batch = learner.rollout()
+    ev = learner.evaluate(batch)
+    adv = learner.advantages(batch, ev)
+    local = list(range(len(adv[policy]["rows"])))  # the whole rollout batch of `a` as one minibatch
+    assert len(local) == cfg.ppo.batch_size
+
+    summed, stats2 = _sharded_grads(hosts, batch, ev, adv, policy, local, cfg)
+    whole, stats1 = _sharded_grads([solo], batch, ev, adv, policy, local, cfg)
+    assert set(summed) == set(whole)
+    assert sum(float(g.norm()) for g in whole.values()) > 0
+    for k in whole:
+        torch.testing.assert_close(summed[k], whole[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
+    for k in stats1:
+        assert stats2[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-7), k
+
+    sums = ray.get([h.optim_step.remote(policy, ray.put(summed), cfg.ppo.max_grad_norm) for h in hosts])
+    assert sums[0] == sums[1]
+    solo_sum = ray.get(solo.optim_step.remote(policy, whole, cfg.ppo.max_grad_norm))
+    after = [ray.get(h.get_state.remote(policy))["weights"] for h in (hosts[0], solo)]
+    print("max |grad diff| %.3g, max |weight diff| %.3g" % (
+        max(float((summed[k] - whole[k]).abs().max()) for k in whole),
+        max(float((w - after[1][k]).abs().max()) for k, w in after[0].items())))
+    changed = False
+    for k, w in after[0].items():
+        torch.testing.assert_close(w, after[1][k], rtol=1e-5, atol=1e-6, msg=lambda m: f"weight {k}: {m}")
+        changed |= not torch.equal(w, state["weights"][k])
+    assert changed, "the optimizer step changed nothing"
+    # Not bit-identical in general (the two hosts sum in another order), so solo_sum may differ
+    # from sums[0]; the replicas themselves are bit-identical (sums[0] == sums[1]).
+    del solo_sum
+
+
+def _tensor_bytes_here() -> int:
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_only_hosts_hold_base_weights(run):
+    import ray
+
+    infos = ray.get([h.info.remote() for h in run["hosts"]])
+    for info in infos:
+        assert info["base_copies"] == 1
+        assert info["pid"] != os.getpid()
+    base_bytes = infos[0]["base_params"] * 4  # fp32 base ("none" quantization)
+    assert base_bytes > 500_000
+    worker_bytes = ray.get([w.tensor_bytes.remote() for w in run["workers"]])
+    assert all(b < base_bytes / 20 for b in worker_bytes), (worker_bytes, base_bytes)
+    # The driver is the learner process: running it added no more than batches and metrics.
+    driver_bytes = _tensor_bytes_here() - run["driver_bytes0"]
+    assert driver_bytes < base_bytes / 20, (driver_bytes, base_bytes)
+    print(f"base {base_bytes} B; rollout workers {worker_bytes} B; driver +{driver_bytes} B")
+
+
+def test_training_one_policy_leaves_the_others_bit_identical(run):
+    """Train only `a` through the host API (forward_backward on each host's share, summed grads,
+    optim_step everywhere): `b`, the reward adapter and the base do not change by a single bit."""
+    import ray
+
+    cfg, hosts, learner = run["cfg"], run["hosts"], run["learner"]
+    a0, b0 = _checksums(hosts, "a"), _checksums(hosts, "b")
+    rm0, base0 = _frozen_sums(hosts)
+    b_state0 = ray.get(hosts[0].get_state.remote("b"))
+    for _ in range(2):
+        batch = learner.rollout()
+        ev = learner.evaluate(batch)
+        adv = learner.advantages(batch, ev)
+        for start in range(0, cfg.ppo.batch_size, cfg.ppo.mini_batch_size):
+            local = list(range(start, start + cfg.ppo.mini_batch_size))
+            grads, _ = _sharded_grads(hosts, batch, ev, adv, "a", local, cfg)
+            sums = ray.get([h.optim_step.remote("a", ray.put(grads), cfg.ppo.max_grad_norm) for h in hosts])
+            assert sums[0] == sums[1]
+    a1, b1 = _checksums(hosts, "a"), _checksums(hosts, "b")
+    rm1, base1 = _frozen_sums(hosts)
+    assert a1[0] == a1[1] and a1 != a0
+    assert b1 == b0
+    assert rm1 == rm0 and base1 == base0
+    b_state1 = ray.get(hosts[0].get_state.remote("b"))
+    for k, v in b_state0["weights"].items():
+        assert torch.equal(v, b_state1["weights"][k]), k
+    assert _optimizer_steps(b_state1) == _optimizer_steps(b_state0)
+
+
+def _optimizer_steps(state) -> list:
+    return [float(s["step"]) for s in state["optimizer"]["state"].values()]
+
+
+def test_prompt_ledger_one_shard_epoch_without_repeats(run):
+    """12 prompts, 2 workers (6 each), 4 prompts a step: 3 steps use every prompt exactly once."""
+    ledger = run["learner"].ledger
+    assert [e["step"] for e in ledger] == [0, 1, 2]
+    ids = [i for e in ledger for i in e["prompt_ids"]]
+    assert all(len(e["prompt_ids"]) == run["cfg"].ppo.batch_size for e in ledger)
+    assert len(ids) == len(set(ids)), f"a prompt was used twice within the shard epoch: {ledger}"
+    assert set(ids) == set(range(12))
+    assert run["worker_states"] == [{"position": 6, "epoch": 0}] * 2
