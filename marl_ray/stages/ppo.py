@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from marl_ray.adapter_io import atomic_dir
 from marl_ray.config import ConfigError, PPORunConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,12 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         checkpoint_path = learner.save_checkpoint()
         saved = {}
         for p in learner.policies:
-            saved[p] = get(hosts[0].save_state.remote(p, str(out / "policies" / p)))
+            # The host sends the files; the learner writes them: no shared volume needed on a cluster.
+            files = get(hosts[0].export_policy.remote(p))
+            with atomic_dir(out / "policies" / p) as tmp:
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+            saved[p] = str(out / "policies" / p)
         infos = get([h.info.remote() for h in hosts])
         summary = {
             "policies": {p: learner.history[-1]["metrics"][p] for p in learner.policies},
