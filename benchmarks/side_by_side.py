@@ -1,0 +1,294 @@
+"""marl-ray against its peers on the reference workload (../shared/BENCHMARK.md), side by side.
+
+Runs in the project venv and launches every measurement as its own process:
+  marl-ray:           .venv/bin/python benchmarks/ppo_step.py ...
+  trl-multi-adapter:  .venv-trl/bin/python benchmarks/trl_peer.py --impl trl-multi-adapter ...
+  three-model:        .venv-trl/bin/python benchmarks/trl_peer.py --impl three-model ...
+(.venv-trl comes from benchmarks/setup_trl_venv.sh). For each configuration (size, dtype, quant,
+policies) the implementations alternate, A B C A B C ..., for --repeats rounds, all with the same
+torch thread count, so a slow spell of a shared machine falls on all of them alike.
+
+Ratios are marl-ray / peer per round, then the median and the min-max over the rounds:
+  samples/s ratio    = marl samples_per_s / peer samples_per_s       (> 1: marl-ray is faster)
+  model memory ratio = marl model_rss_mib / peer model_rss_mib       (< 1: marl-ray is leaner)
+model_rss_mib is the peak resident memory above the process's memory right after its imports.
+
+--policies N > 1: marl-ray trains N policies in one job (N x 16 samples per iteration). A TRL
+policy is its own job, so a peer "run" is N separate peer processes, run one after another (the
+machine has 2 cores; running them at once would only make each slower), and counted as if they
+shared the machine: memory = the sum of the N jobs' model_rss_mib (and of their peak_rss_mib);
+time per sample = the N jobs' total median iteration time / their N x 16 samples.
+
+    python benchmarks/side_by_side.py --sizes medium --dtypes fp32,bf16 --repeats 3
+    python benchmarks/side_by_side.py --sizes large --policies 4 --peers trl-multi-adapter --repeats 2
+
+Raw results go to benchmarks/results/<timestamp>.json (and a .md with the table); plot them with
+benchmarks/plot_results.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("trl-multi-adapter", "three-model")
+
+
+def _spread(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
+
+
+def prepare_workload(work: Path, sizes, n_prompts: int):
+    """Build base/reward adapter/prompts for each size once, with ppo_step.py's own builder."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ppo_step
+
+    for size in sizes:
+        ppo_step.build_workload(work, size, n_prompts=n_prompts)
+
+
+def run_one(cmd, env, log: Path, out_json: Path, timeout):
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t0
+    if rc == 0 and out_json.exists():
+        res = json.loads(out_json.read_text())
+        res["wall_s"] = wall
+        return res
+    tail = log.read_text().splitlines()[-15:]
+    return {"error": f"rc={rc}", "log": str(log), "tail": tail, "wall_s": wall}
+
+
+def aggregate_jobs(jobs, policies):
+    """N single-policy peer jobs counted as one N-policy workload on the same machine."""
+    bad = [j for j in jobs if "error" in j]
+    if bad:
+        return {"error": bad[0]["error"], "log": bad[0].get("log"), "tail": bad[0].get("tail"), "jobs": jobs}
+    total_step = sum(j["step_s_median"] for j in jobs)
+    first = jobs[0]
+    return {
+        "impl": first["impl"], "size": first["size"], "quant": first["quant"], "dtype": first["dtype"],
+        "policies": policies, "jobs": len(jobs), "aggregate": "sequential separate jobs, summed",
+        "torch_threads": first["torch_threads"], "params": first["params"],
+        "step_s_median": total_step,
+        "gen_s_median": sum(j["gen_s_median"] for j in jobs),
+        "score_s_median": sum(j["score_s_median"] for j in jobs),
+        "train_s_median": sum(j["train_s_median"] for j in jobs),
+        "samples_per_s": 16 * len(jobs) / total_step,
+        "peak_rss_mib": sum(j["peak_rss_mib"] for j in jobs),
+        "baseline_rss_mib": sum(j["baseline_rss_mib"] for j in jobs),
+        "model_rss_mib": sum(j["model_rss_mib"] for j in jobs),
+        "shims": first.get("shims", []),
+        "job_results": jobs,
+    }
+
+
+def summarize(cfg_result):
+    runs = cfg_result["runs"]
+    marl = runs["marl-ray"]
+    out = {}
+    for peer in cfg_result["peers"]:
+        pr = runs[peer]
+        sps, mem, peak = [], [], []
+        for a, b in zip(marl, pr):
+            if "error" in a or "error" in b:
+                continue
+            sps.append(a["samples_per_s"] / b["samples_per_s"])
+            mem.append(a["model_rss_mib"] / b["model_rss_mib"] if b["model_rss_mib"] > 0 else None)
+            peak.append(a["peak_rss_mib"] / b["peak_rss_mib"])
+        out[peer] = {
+            "pairs": len(sps),
+            "samples_per_s_ratio": _spread(sps),
+            "model_rss_ratio": _spread(mem),
+            "peak_rss_ratio": _spread(peak),
+            "marl_samples_per_s": _spread([r["samples_per_s"] for r in marl if "error" not in r]),
+            "peer_samples_per_s": _spread([r["samples_per_s"] for r in pr if "error" not in r]),
+            "marl_model_rss_mib": _spread([r["model_rss_mib"] for r in marl if "error" not in r]),
+            "peer_model_rss_mib": _spread([r["model_rss_mib"] for r in pr if "error" not in r]),
+            "errors": [r.get("error") + f" ({r.get('log')})" for r in pr if "error" in r],
+            "shims": next((r.get("shims") for r in pr if "error" not in r and r.get("shims")), []),
+        }
+    out["marl_errors"] = [r.get("error") + f" ({r.get('log')})" for r in marl if "error" in r]
+    return out
+
+
+def _fmt(s, digits=2):
+    if not s:
+        return "n/a"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def markdown(results) -> str:
+    lines = [
+        "| size | dtype | quant | policies | peer | marl samples/s | peer samples/s | samples/s ratio (marl/peer) "
+        "| marl model MiB | peer model MiB | model memory ratio (marl/peer) | pairs | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["configs"]:
+        s = c["summary"]
+        for peer in c["peers"]:
+            p = s[peer]
+            notes = []
+            if c["policies"] > 1:
+                notes.append(f"peer = {c['policies']} separate jobs, run one after another; memory summed, "
+                             "time per sample = total time / total samples")
+                m, r = p["model_rss_ratio"], p["samples_per_s_ratio"]
+                if m and r and peer == "trl-multi-adapter" and c["policies"] == 4:  # the issue's target
+                    notes.append(f"target mem ≤0.35x: {'met' if m['median'] <= 0.35 else 'NOT met'}; "
+                                 f"time/sample no worse: {'met' if r['median'] >= 1 else 'NOT met'} (medians)")
+            if p["shims"]:
+                notes.append(f"peer ran with {len(p['shims'])} CPU-bitsandbytes shims (README; list in the JSON)")
+            if p["errors"]:
+                notes.append("peer errors: " + "; ".join(p["errors"]))
+            if s["marl_errors"]:
+                notes.append("marl-ray errors: " + "; ".join(s["marl_errors"]))
+            lines.append(
+                f"| {c['size']} | {c['dtype']} | {c['quant']} | {c['policies']} | {peer} "
+                f"| {_fmt(p['marl_samples_per_s'])} | {_fmt(p['peer_samples_per_s'])} | {_fmt(p['samples_per_s_ratio'])} "
+                f"| {_fmt(p['marl_model_rss_mib'], 0)} | {_fmt(p['peer_model_rss_mib'], 0)} "
+                f"| {_fmt(p['model_rss_ratio'])} | {p['pairs']} | {' / '.join(notes)} |")
+    lines.append("")
+    lines.append("Values: median (min–max) over the repeat rounds; a ratio is taken within each round, then summarized. "
+                 "samples/s ratio > 1: marl-ray faster; model memory ratio < 1: marl-ray leaner. "
+                 f"torch threads: {results['threads']}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small", help="comma list of small,medium,large")
+    ap.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16")
+    ap.add_argument("--quants", default="none", help="comma list of none,8bit,4bit")
+    ap.add_argument("--policies", default="1", help="comma list of policy counts, e.g. 1,4")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {','.join(PEERS)}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=None, help="passed on (default: 5, large 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="passed on (default: 2, large 1)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
+    ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess", help="marl-ray's runtime")
+    ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
+    ap.add_argument("--marl-python", default=sys.executable)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = ap.parse_args(argv)
+
+    sizes = args.sizes.split(",")
+    dtypes = args.dtypes.split(",")
+    quants = args.quants.split(",")
+    policies = [int(x) for x in args.policies.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+    for p in peers:
+        if p not in PEERS:
+            ap.error(f"unknown peer {p!r}")
+    if peers and not Path(args.trl_python).exists():
+        ap.error(f"{args.trl_python} missing: run `bash benchmarks/setup_trl_venv.sh` first")
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out_dir)
+    logs = out_dir / f"{stamp}-logs"
+    tmp = Path(tempfile.mkdtemp(prefix="sbs-"))
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    max_steps = max((args.iters or (2 if s == "large" else 5)) + (args.warmup if args.warmup is not None
+                                                                     else (1 if s == "large" else 2)) for s in sizes)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    common = ["--threads", str(args.threads), "--workdir", str(work)]
+    if args.iters is not None:
+        common += ["--iters", str(args.iters)]
+    if args.warmup is not None:
+        common += ["--warmup", str(args.warmup)]
+
+    configs = list(itertools.product(sizes, dtypes, quants, policies))
+    if args.dry_run:
+        for size, dtype, quant, npol in configs:
+            cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
+            print(args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol), "--runtime", args.runtime)
+            for peer in peers:
+                print(f"{npol} x", args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg)
+        return 0
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"building the workload in {work} ...", file=sys.stderr)
+    prepare_workload(work, sizes, n_prompts=16 * max_steps)
+
+    results = {"timestamp": stamp, "threads": args.threads, "repeats": args.repeats, "workdir": str(work),
+               "host": os.uname().nodename, "cpu_count": os.cpu_count(), "argv": sys.argv[1:], "configs": []}
+    out_json = out_dir / f"{stamp}.json"
+
+    def save():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=2))
+
+    n = 0
+    for size, dtype, quant, npol in configs:
+        cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
+        tag = f"{size}-{dtype}-{quant}-p{npol}"
+        entry = {"size": size, "dtype": dtype, "quant": quant, "policies": npol, "peers": peers,
+                 "runs": {"marl-ray": [], **{p: [] for p in peers}}}
+        results["configs"].append(entry)
+        for r in range(args.repeats):
+            n += 1
+            j = tmp / f"{tag}-r{r}-marl.json"
+            cmd = [args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol),
+                   "--runtime", args.runtime, "--json", str(j)]
+            print(f"[{tag} round {r + 1}/{args.repeats}] marl-ray ...", file=sys.stderr, flush=True)
+            res = run_one(cmd, env, logs / f"{tag}-r{r}-marl-ray.log", j, args.timeout)
+            entry["runs"]["marl-ray"].append(res)
+            print(f"    {_brief(res)}", file=sys.stderr, flush=True)
+            for peer in peers:
+                jobs = []
+                for k in range(npol):
+                    j = tmp / f"{tag}-r{r}-{peer}-{k}.json"
+                    cmd = [args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg, "--seed", str(k),
+                           "--json", str(j)]
+                    print(f"[{tag} round {r + 1}/{args.repeats}] {peer}"
+                          + (f" job {k + 1}/{npol}" if npol > 1 else "") + " ...", file=sys.stderr, flush=True)
+                    jobs.append(run_one(cmd, env, logs / f"{tag}-r{r}-{peer}-{k}.log", j, args.timeout))
+                    print(f"    {_brief(jobs[-1])}", file=sys.stderr, flush=True)
+                entry["runs"][peer].append(jobs[0] if npol == 1 else aggregate_jobs(jobs, npol))
+            save()
+        entry["summary"] = summarize(entry)
+        save()
+    table = markdown(results)
+    results["table_md"] = table
+    save()
+    out_json.with_suffix(".md").write_text(table + "\n")
+    print(json.dumps({"results": str(out_json), "configs": [
+        {k: c[k] for k in ("size", "dtype", "quant", "policies")} | {"summary": c["summary"]}
+        for c in results["configs"]]}, indent=2))
+    print()
+    print(table)
+    return 0
+
+
+def _brief(res):
+    if "error" in res:
+        return f"FAILED {res['error']}: {res['log']}\n      " + "\n      ".join(res.get("tail", [])[-5:])
+    return (f"{res['samples_per_s']:.3f} samples/s, step {res['step_s_median']:.2f}s "
+            f"(gen {res['gen_s_median']:.2f}, score {res['score_s_median']:.2f}, train {res['train_s_median']:.2f}), "
+            f"model {res['model_rss_mib']:.0f} MiB, peak {res['peak_rss_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
