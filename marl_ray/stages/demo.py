@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 # (full, quick) settings; measured on 2 cores (see README for the figures)
 PRESETS = {
-    "full": {"sft_steps": 1500, "reward_epochs": 2, "reward_pairs": 4000, "ppo_steps": 40, "eval_prompts": 128},
-    "quick": {"sft_steps": 400, "reward_epochs": 1, "reward_pairs": 1500, "ppo_steps": 12, "eval_prompts": 64},
+    "full": {"sft_steps": 600, "reward_epochs": 2, "reward_pairs": 4000, "ppo_steps": 60, "eval_prompts": 128},
+    "quick": {"sft_steps": 300, "reward_epochs": 2, "reward_pairs": 2000, "ppo_steps": 20, "eval_prompts": 64},
 }
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 POLICIES = {"up": 1.0, "down": -1.0}
 
 
@@ -35,10 +36,13 @@ def ppo_config(out: Path, base: Path, reward: Path, steps: int, seed: int, overr
     return load_config(PPORunConfig, overrides=overrides, base={
         "model": {"base": str(base)},
         "rewards": [{"name": "rm", "path": str(reward)}],
-        "policies": [{"name": n, "reward": "rm", "reward_weight": w, "lr": 3e-4, "init_kl_coef": 0.05,
-                      "target_kl": 4.0, "lora": {"r": 16, "alpha": 32}} for n, w in POLICIES.items()],
-        "generation": {"max_new_tokens": 16},
-        "ppo": {"steps": steps, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "vf_coef": 0.1},
+        # LoRA on every projection: q/v alone moved the tiny model's sentiment ~3x less in the
+        # same steps (gold +0.23 vs +0.72 after 40 steps, seed 0).
+        "policies": [{"name": n, "reward": "rm", "reward_weight": w, "lr": 1e-3, "init_kl_coef": 0.1,
+                      "target_kl": 6.0, "lora": {"r": 16, "alpha": 32, "target_modules": ALL_LINEAR}}
+                     for n, w in POLICIES.items()],
+        "generation": {"max_new_tokens": 20},
+        "ppo": {"steps": steps, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 4, "vf_coef": 0.1},
         "cluster": {"num_hosts": 1, "host_num_cpus": 2, "rollout_workers": 2},
         "data": {"prompts": "embedded", "seed": seed},
         "run": {"out_dir": str(out / "ppo"), "seed": seed},
