@@ -34,7 +34,7 @@ def test_deployment_configs_validate(path):
     assert len(cfg.policies) >= 2, "the deployment configs train several policies on one base"
     if path.name == "local.yaml":
         assert [p.name for p in cfg.policies] == ["up", "down"]
-        assert cfg.model.base == "runs/demo/base" and cfg.rewards[0].path == "runs/demo/reward"
+        assert cfg.model.base == "runs/demo/sft/base" and cfg.rewards[0].path == "runs/demo/reward/adapter"
         assert cfg.cluster.host_num_gpus == 0 and cfg.model.quantization == "none"
     if path.name == "gpu.yaml":
         assert cfg.model.quantization == "4bit" and cfg.cluster.host_num_gpus == 1
