@@ -14,17 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import REVIEWS
 
-TEXTS = [
-    "the movie was great and i loved every minute of it",
-    "a terrible film with bad acting and a boring plot",
-    "the music was nice but the story made no sense",
-    "what a wonderful performance by the whole cast",
-    "i would not watch this movie again",
-    "a movie review should say what the film is about",
-    "the ending was sad and beautiful at the same time",
-    "two hours of my life that i will never get back",
-] * 8
+TEXTS = REVIEWS[:8] * 8
 
 LORA_TARGETS = ["q_proj", "v_proj"]
 

@@ -22,29 +22,16 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from corpus import PROMPTS as CORPUS_PROMPTS
+from corpus import REVIEWS
 
 VENV_BIN = str(Path(sys.executable).parent)
 RAY = str(Path(sys.executable).parent / "ray")
 REPO = Path(__file__).resolve().parents[1]
 
 # Distinct prompts (ids 0..11): two rollout workers x 6 = exactly one epoch of each shard.
-PROMPTS = [
-    "the movie was", "a terrible film with", "the music was nice but", "what a wonderful",
-    "i would not watch", "a movie review should", "the ending was sad and", "two hours of my",
-    "the acting in this film", "my friends and i", "the plot of the story", "this is the best",
-]
-TEXTS = [
-    "the movie was great and i loved every minute of it",
-    "a terrible film with bad acting and a boring plot",
-    "the music was nice but the story made no sense",
-    "what a wonderful performance by the whole cast",
-    "i would not watch this movie again",
-    "a movie review should say what the film is about",
-    "the ending was sad and beautiful at the same time",
-    "two hours of my life that i will never get back",
-    "the acting in this film was the best part",
-    "my friends and i laughed at the plot of the story",
-] * 6
+PROMPTS = CORPUS_PROMPTS[:12]
+TEXTS = REVIEWS * 6
 
 _ASSETS: dict[str, dict] = {}
 
