@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 from corpus import PROMPTS as CORPUS_PROMPTS
-from corpus import REVIEWS
+from corpus import REVIEWS, write_reward_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,31 +36,12 @@ VOLATILE = ("time/", "perf/")
 def build_assets(root: Path) -> dict:
     """A tiny Llama base, another base (same architecture, seed 1), a TRL-format reward adapter
     (SEQ_CLS LoRA + score head via modules_to_save) and a prompts JSONL, all under `root`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     from marl_ray.data.tiny import build_tiny
 
     root = Path(root)
     base = build_tiny(root / "base", texts=TEXTS, size="tiny", seed=0)
     other = build_tiny(root / "other_base", texts=TEXTS, size="tiny", seed=1)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            seq = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
-            rm = get_peft_model(seq, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                target_modules=["q_proj", "v_proj"]))
-            with torch.no_grad():
-                for n, w in rm.named_parameters():
-                    if w.requires_grad and ("lora_B" in n or "score" in n):
-                        torch.nn.init.normal_(w, std=0.1)
-            rm.save_pretrained(str(root / "reward"))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    write_reward_adapter(base, root / "reward")
     prompts = write_prompts(root / "prompts.jsonl", PROMPTS)
     return {"base": str(base), "other_base": str(other), "reward": str(root / "reward"), "prompts": str(prompts),
             "root": str(root)}

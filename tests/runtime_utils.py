@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from corpus import PROMPTS as CORPUS_PROMPTS
-from corpus import REVIEWS
+from corpus import REVIEWS, write_reward_adapter
 
 VENV_BIN = str(Path(sys.executable).parent)
 RAY = str(Path(sys.executable).parent / "ray")
@@ -46,31 +46,11 @@ def tiny_assets(root: Path) -> dict:
     key = str(root)
     if key in _ASSETS:
         return _ASSETS[key]
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     from marl_ray.data.tiny import build_tiny
 
     root = Path(root)
     base = build_tiny(root / "base", texts=TEXTS, size="tiny", seed=0)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            seq = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
-            rm = get_peft_model(seq, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
-                                                target_modules=["q_proj", "v_proj"]))
-            with torch.no_grad():
-                for n, w in rm.named_parameters():
-                    if w.requires_grad and ("lora_B" in n or "score" in n):
-                        torch.nn.init.normal_(w, std=0.1)
-            rm.save_pretrained(str(root / "reward"))
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    del seq, rm
+    write_reward_adapter(base, root / "reward")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     _ASSETS[key] = {"base": str(base), "reward": str(root / "reward"), "prompts": str(prompts)}
