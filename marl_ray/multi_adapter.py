@@ -388,9 +388,9 @@ class MultiAdapterModel(nn.Module):
             try:
                 yield
             finally:
-                if prev != name:
+                if prev != name:  # set_adapter switched requires_grad flags: put ours back
                     self.peft.base_model.set_adapter(prev)
-                self._refresh_grad_flags()
+                    self._refresh_grad_flags()
             return
         was_training = self.peft.base_model.training
         self.peft.base_model.eval()
