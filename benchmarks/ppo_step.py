@@ -75,7 +75,7 @@ def make_config(base, rm, prompts, args, out_dir):
         "model": {"base": str(base), "quantization": args.quant, "dtype": args.dtype},
         "rewards": [{"name": "rm", "path": str(rm)}],
         "policies": policies,
-        "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "backend": args.backend},
         "ppo": {"steps": 1000, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "gamma": 1.0, "lam": 0.95,
                 "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
         "cluster": {"runtime": args.runtime, "num_hosts": 1, "host_num_cpus": args.threads, "rollout_workers": 1},
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--policies", type=int, default=1)
     ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                    help="rollout engine (vllm: needs the vllm extra, e.g. .venv-vllm on CPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
@@ -144,7 +146,7 @@ def main(argv=None) -> int:
     med = statistics.median([s["time/step_s"] for s in timed])
     result = {
         "impl": "marl-ray", "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": args.policies,
-        "runtime": args.runtime, "torch_threads": args.threads, "params": info["base_params"],
+        "runtime": args.runtime, "backend": args.backend, "torch_threads": args.threads, "params": info["base_params"],
         "step_s_median": med, "step_s_all": [s["time/step_s"] for s in timed],
         "gen_s_median": statistics.median([s["time/rollout_s"] for s in timed]),
         "score_s_median": statistics.median([s["time/score_s"] for s in timed]),

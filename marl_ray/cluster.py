@@ -132,7 +132,8 @@ def start_actors(cfg, seed: int):
     policies = [to_dict(p) for p in cfg.policies]
     threads = max(1, int(round(c.host_num_cpus)))
     hosts = [Host.options(**host_options(pl, i, c.host_num_cpus, c.host_num_gpus, c.max_restarts)).remote(
-        model, rewards, policies, seed=seed, torch_threads=threads, host_index=i) for i in range(len(pl.node_ids))]
+        model, rewards, policies, seed=seed, torch_threads=threads, host_index=i, generation=to_dict(cfg.generation))
+        for i in range(len(pl.node_ids))]
     tokenizer = cfg.model.tokenizer or cfg.model.base
     worker_host = [w % len(hosts) for w in range(c.rollout_workers)]
     workers = [Worker.options(**worker_options(pl.node_ids[worker_host[w]], c.max_restarts)).remote(
@@ -150,7 +151,8 @@ def start_inprocess(cfg, seed: int):
 
     c = cfg.cluster
     host = ModelHost(to_dict(cfg.model), [to_dict(r) for r in cfg.rewards], [to_dict(p) for p in cfg.policies],
-                     seed=seed, torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0)
+                     seed=seed, torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0,
+                     generation=to_dict(cfg.generation))
     tokenizer = cfg.model.tokenizer or cfg.model.base
     workers = [LocalHandle(RolloutWorker(tokenizer, cfg.data.prompts, w, c.rollout_workers,
                                          cfg.data.max_prompt_tokens, seed=cfg.data.seed))

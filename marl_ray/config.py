@@ -121,11 +121,22 @@ class PolicySpec:
 @spec
 class GenerationSpec:
     max_new_tokens: int = opt(32, "Maximum response length in tokens.", ge=1)
-    min_new_tokens: Optional[int] = opt(None, "Minimum response length; null = max_new_tokens (exact length).", ge=0)
+    min_new_tokens: Optional[int] = opt(
+        None, "With stop_at_eos: EOS cannot be sampled before this many tokens; null = max_new_tokens.", ge=0)
     temperature: float = opt(1.0, "Sampling temperature.", gt=0)
     top_k: int = opt(0, "Sample only from the k most likely tokens; 0 = off.", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling probability mass; 1.0 = off.", gt=0, le=1)
-    stop_at_eos: bool = opt(False, "End a response at EOS (matters only when min_new_tokens < max_new_tokens).")
+    stop_at_eos: bool = opt(False, "End a response at the first EOS sampled after min_new_tokens; false = EOS is "
+                            "never sampled and every response has max_new_tokens tokens.")
+    backend: Literal["hf", "vllm"] = opt(
+        "hf", "Rollout engine of each model host: hf = HF generate on the training model; vllm = a vLLM engine "
+        "over the same base with one LoRA slot per policy, synced after every update (needs the vllm extra).")
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm: fraction of the GPU the engine may use.", gt=0, le=1)
+    vllm_kv_cache_gib: float = opt(0.25, "vllm on CPU: KV-cache size in GiB (reserved up front).", gt=0)
+    vllm_sleep: bool = opt(True, "vllm on GPU: offload the engine's weights and free its KV cache between "
+                           "rollouts, so one base holds the GPU while evaluation and training run.")
+    vllm_max_model_len: Optional[int] = opt(
+        None, "vllm: prompt + response tokens per sequence; null = the base's max_position_embeddings.", ge=1)
 
     def _check(self, at: str) -> None:
         if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:

@@ -84,7 +84,7 @@ class Learner:
         self.history: list[dict] = []
         self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
                     "temperature": cfg.generation.temperature, "top_k": cfg.generation.top_k,
-                    "top_p": cfg.generation.top_p}
+                    "top_p": cfg.generation.top_p, "stop_at_eos": cfg.generation.stop_at_eos}
 
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:

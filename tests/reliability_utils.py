@@ -7,13 +7,16 @@ marker) and stopped by pid: never `ray stop`, which would also stop other engine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,6 +239,50 @@ def private_ray_env(temp_dir: str) -> dict:
     token.chmod(0o600)
     return {"RAY_TMPDIR": temp_dir, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _reload_ray_auth():
+    """Make this process re-read RAY_AUTH_MODE / the token (Ray caches both when first imported),
+    as ray.init itself does when it turns token auth on."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def private_local_ray(num_cpus: int = 2):
+    """A private Ray on 127.0.0.1 for this process (a temp dir and a throw-away auth token of its
+    own, never ~/.ray/auth_token); every process it started is gone afterwards. Yields its temp dir."""
+    import ray
+
+    from marl_ray.cluster import init_ray
+
+    assert not ray.is_initialized()
+    tmp = tempfile.mkdtemp(prefix="rrel", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {**private_ray_env(tmp), "RAY_ADDRESS": None, "RAY_AUTH_TOKEN": None}
+    saved = {k: os.environ.get(k) for k in env}
+
+    def setenv(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_ray_auth()
+
+    setenv(env)
+    try:
+        init_ray(num_cpus=num_cpus)
+        yield tmp
+    finally:
+        ray.shutdown()
+        setenv(saved)
+        left = stop_ray_procs(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"Ray processes still running after shutdown: {[p.pid for p in left]}"
 
 
 def kill_procs(procs, timeout: float = 10.0):

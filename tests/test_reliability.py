@@ -100,48 +100,10 @@ def test_killed_driver_resumes_to_the_same_result(assets, baseline, tmp_path, ru
 
 
 # ---------------------------------------------------------------------------- 2. lose actors on Ray
-def _reload_ray_auth():
-    """Make this process re-read RAY_AUTH_MODE / the token (Ray caches both when first imported),
-    as ray.init itself does when it turns token auth on."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:
-        return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
 @pytest.fixture
 def local_ray():
-    """A private Ray on 127.0.0.1 (a temp dir and a throw-away auth token of its own, never
-    ~/.ray/auth_token); every process it started is gone afterwards."""
-    import ray
-
-    from marl_ray.cluster import init_ray
-
-    assert not ray.is_initialized()
-    tmp = tempfile.mkdtemp(prefix="rrel", dir="/tmp")  # short: Ray's unix sockets live under it
-    env = {**ru.private_ray_env(tmp), "RAY_ADDRESS": None, "RAY_AUTH_TOKEN": None}
-    saved = {k: os.environ.get(k) for k in env}
-
-    def setenv(values):
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _reload_ray_auth()
-
-    setenv(env)
-    try:
-        init_ray(num_cpus=2)
+    with ru.private_local_ray(num_cpus=2) as tmp:
         yield tmp
-    finally:
-        ray.shutdown()
-        setenv(saved)
-        left = ru.stop_ray_procs(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        assert not left, f"Ray processes still running after shutdown: {[p.pid for p in left]}"
 
 
 def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray, tmp_path, monkeypatch, caplog):

@@ -51,7 +51,7 @@ class ModelHost:
     """Holds the shared base, the reward adapters and one (LoRA, value head, optimizer) per policy."""
 
     def __init__(self, model: dict, rewards: list[dict], policies: list[dict], seed: int = 0,
-                 torch_threads: int | None = None, host_index: int = 0):
+                 torch_threads: int | None = None, host_index: int = 0, generation: dict | None = None):
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         import transformers  # noqa: F401  (imported before the baseline reading)
@@ -81,6 +81,42 @@ class ModelHost:
             self.optimizers[p["name"]] = torch.optim.AdamW(
                 self.model.policy_parameters(p["name"]), lr=p.get("lr", 1.41e-5), eps=1e-8, weight_decay=0.0)
         self.gen_cfg = self.model.base.generation_config
+        self.engine = None  # vLLM rollouts (generation.backend: vllm); None = HF generate on the training model
+        self._synced: dict[str, int] = {}  # policy -> parameter version the engine holds
+        generation = generation or {}
+        if generation.get("backend", "hf") == "vllm":
+            self._start_engine(model, policies, generation, seed)
+
+    def _start_engine(self, model: dict, policies: list[dict], generation: dict, seed: int):
+        from marl_ray import vllm_backend
+
+        if not vllm_backend.available():
+            raise RuntimeError(
+                "generation.backend is 'vllm' but vllm does not import in this environment: install the "
+                "extra (GPU: pip install 'marl-ray[vllm]'; CPU: bash scripts/setup_vllm_cpu.sh) or set "
+                "generation.backend: hf")
+        cfg = self.model.base.config
+        self.engine = vllm_backend.VLLMEngine(
+            model["base"], [p["name"] for p in policies],
+            max_lora_rank=max(int(p.get("lora", {}).get("r", 16)) for p in policies),
+            dtype=model.get("dtype", "fp32"), quantization=model.get("quantization", "none"),
+            max_model_len=generation.get("vllm_max_model_len") or cfg.max_position_embeddings,
+            gpu_memory_utilization=generation.get("vllm_gpu_memory_utilization", 0.3),
+            kv_cache_gib=generation.get("vllm_kv_cache_gib", 0.25), sleep=generation.get("vllm_sleep", True),
+            seed=seed)
+        self.engine.sleep()
+
+    def _param_version(self, policy: str) -> int:
+        """Sum of the autograd version counters of `policy`'s tensors: any in-place change (optimizer
+        step, import_policy, set_state) bumps it, so the engine's copy is stale exactly when it moved."""
+        return sum(t._version for t in self.model.policy_state(policy).values())
+
+    def _sync_engine(self, policies: set[str]):
+        for p in sorted(policies):
+            v = self._param_version(p)
+            if self._synced.get(p) != v:
+                self.engine.sync(p, lambda folder, p=p: self.model.save_policy(p, folder))
+                self._synced[p] = v
 
     # ------------------------------------------------------------ info
     def pid(self) -> int:
@@ -102,13 +138,15 @@ class ModelHost:
             "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": self.baseline_rss_mib,
             "base_copies": self.base_copies(),
             "torch_threads": torch.get_num_threads(), "device": str(self.model.device),
+            "generation_backend": "vllm" if self.engine is not None else "hf",
+            "vllm": self.engine.info() if self.engine is not None else None,
         }
 
     def base_copies(self) -> int:
         """How many tensors in this process hold the base's embedding matrix (1 = one base)."""
         emb = self.model.base.get_input_embeddings().weight
         ptrs = {t.untyped_storage().data_ptr() for t in _live_tensors()
-                if t.shape == emb.shape and t.dtype == emb.dtype and torch.equal(t, emb)}
+                if t.shape == emb.shape and t.dtype == emb.dtype and t.device == emb.device and torch.equal(t, emb)}
         return len(ptrs)
 
     # ------------------------------------------------------------ sample
@@ -117,24 +155,35 @@ class ModelHost:
         """Responses of `prompts[i]` under `policies[i]`: {"responses" (N, R), "response_mask" (N, R)}.
 
         Responses have exactly R = max_new_tokens positions; positions after the first EOS
-        (possible only when min_new_tokens < R) are padding (mask 0).
+        (possible only with stop_at_eos and min_new_tokens < R) are padding (mask 0). Both
+        backends (HF generate on the training model, or the vLLM engine) read `gen` the same way.
         """
         pad = self.gen_cfg.pad_token_id if self.gen_cfg.pad_token_id is not None else 0
         eos = self.gen_cfg.eos_token_id
-        ids, mask = _pad_left(prompts, pad)
-        torch.manual_seed(seed)
         R = gen["max_new_tokens"]
-        min_new = gen.get("min_new_tokens")
-        out = self.model.generate(
-            ids.to(self.model.device), mask.to(self.model.device), policies, max_new_tokens=R,
-            min_new_tokens=R if min_new is None else min_new, temperature=gen.get("temperature", 1.0),
-            top_k=gen.get("top_k", 0), top_p=gen.get("top_p", 1.0), do_sample=gen.get("do_sample", True),
-            pad_token_id=pad).cpu()
-        resp = out[:, ids.shape[1]:]
-        if resp.shape[1] < R:  # every row stopped early: pad to R
-            resp = torch.cat([resp, torch.full((resp.shape[0], R - resp.shape[1]), pad, dtype=resp.dtype)], 1)
+        stop_at_eos = bool(gen.get("stop_at_eos", True)) and eos is not None
+        # Without stop_at_eos, EOS is masked at every position (min = R): exactly R tokens.
+        min_new = R if gen.get("min_new_tokens") is None or not stop_at_eos else gen["min_new_tokens"]
+        settings = dict(max_new_tokens=R, min_new_tokens=min_new, temperature=gen.get("temperature", 1.0),
+                        top_k=gen.get("top_k", 0), top_p=gen.get("top_p", 1.0), do_sample=gen.get("do_sample", True))
+        if self.engine is not None:
+            self._sync_engine(set(policies))
+            rows = self.engine.generate(prompts, list(policies), eos_token_id=eos, seed=seed, **settings)
+            self.engine.sleep()  # evaluation and training come next: give the GPU back
+            resp = torch.full((len(rows), R), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                resp[i, :len(r)] = torch.tensor(r[:R], dtype=torch.long)
+        else:
+            ids, mask = _pad_left(prompts, pad)
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                ids.to(self.model.device), mask.to(self.model.device), policies, pad_token_id=pad,
+                **settings).cpu()
+            resp = out[:, ids.shape[1]:]
+            if resp.shape[1] < R:  # every row stopped early: pad to R
+                resp = torch.cat([resp, torch.full((resp.shape[0], R - resp.shape[1]), pad, dtype=resp.dtype)], 1)
         rmask = torch.ones_like(resp)
-        if eos is not None:  # EOS ends a response (it can only occur when min_new_tokens < R)
+        if stop_at_eos:  # EOS ends a response (it can only occur when min_new_tokens < R)
             eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
             is_eos = torch.isin(resp, eos_ids).long()
             after = (is_eos.cumsum(1) - is_eos) > 0  # positions after the first EOS
@@ -304,7 +353,14 @@ def _digest(tensors: dict) -> str:
 def _live_tensors():
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # isinstance() on some torch module objects warns
-        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    frozen = gc.get_freeze_count()  # vLLM gc.freeze()s its start-up objects: list those too
+    if frozen:
+        gc.unfreeze()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on some torch module objects warns
+            objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    finally:
+        if frozen:
+            gc.freeze()
     return objs
