@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from marl_ray import decoding
 from marl_ray.adapter_io import (
     ADAPTER_WEIGHTS, META_FILE, VALUE_HEAD_FILE, AdapterError, atomic_dir, base_fingerprint, read_adapter,
     read_meta, resolve_folder, split_score_head,
@@ -141,6 +142,10 @@ class MultiAdapterModel(nn.Module):
                              else "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none")
         self.fingerprint = base_fingerprint(base)
         self.hidden_size = base.config.hidden_size
+        # Sample with decoding.sample (same tokens as HF generate, less overhead per step) where
+        # the base allows it; False: always HF generate.
+        self.lean_generate = True
+        self._lean_model = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, quantization="none", dtype="fp32", reference_adapter=None,
@@ -503,4 +508,15 @@ class MultiAdapterModel(nn.Module):
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         with self._adapters(names):
+            if self.lean_generate and max_new_tokens > 0 and self._lean() is not None and \
+                    decoding.generation_config_is_plain(gcfg):
+                return decoding.sample(self._lean(), input_ids_BT, attention_mask_BT, **kwargs)
             return self.base.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kwargs)
+
+    def _lean(self) -> "decoding.LeanLlama | None":
+        """Our own loop over the base's layers where the base is a plain HF Llama (see decoding.py)."""
+        if not decoding.supports(self.base):  # cheap: checked each call (hooks may come and go)
+            return None
+        if self._lean_model is None or self._lean_model.base is not self.base:
+            self._lean_model = decoding.LeanLlama(self.base)
+        return self._lean_model

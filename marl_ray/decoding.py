@@ -1,0 +1,228 @@
+"""A lean forward of Hugging Face Llama bases, and a sampling loop on it.
+
+`transformers`' own forward spends most of a decode step on per-call machinery (decorators,
+keyword plumbing, a cache object, a new attention mask each step, `generate`'s bookkeeping)
+rather than on arithmetic: with a small base on a CPU that is several times the matrix work.
+`LeanLlama` runs the same tensor operations in the same order as `LlamaModel` with sdpa
+attention (it calls the model's own norm, rotary, activation and attention functions, and every
+linear layer as a module, so peft's LoRA layers, mixed-adapter batches included, and
+bitsandbytes layers compute what they compute in HF's forward), with a pre-allocated KV cache.
+`sample` is HF `generate`'s sampling loop (same logits processors, softmax + multinomial or
+argmax, EOS then padding, early stop when every row has ended), so under the same seed it
+draws the same tokens whenever the logits agree bit for bit (they do in the tests).
+
+Anything this does not know (another architecture, another attention implementation, a
+generation config with extra logits processors) is left to HF: see `supports` and
+`generation_config_is_plain`; the caller then uses `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Generation-config fields that `sample` handles (or overrides, or that change no token): any
+# other field set to a non-neutral value sends generation back to HF `generate`.
+_IGNORED = {
+    "_from_model_config", "transformers_version", "bos_token_id", "eos_token_id", "pad_token_id",
+    "decoder_start_token_id", "use_cache", "do_sample", "temperature", "top_k", "top_p", "max_length",
+    "max_new_tokens", "min_new_tokens", "cache_implementation", "cache_config", "compile_config",
+    "disable_compile", "low_memory", "length_penalty", "early_stopping", "max_cache_len",
+}
+_NEUTRAL = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "min_length": 0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beams": 1,
+    "num_beam_groups": 1, "num_return_sequences": 1, "diversity_penalty": 0.0, "guidance_scale": 1.0,
+    "remove_invalid_values": False, "renormalize_logits": False, "output_attentions": False,
+    "output_hidden_states": False, "output_scores": False, "output_logits": False,
+    "return_dict_in_generate": False, "is_assistant": False,
+}
+
+
+def generation_config_is_plain(gcfg) -> bool:
+    """True when `gcfg` asks for nothing beyond what `sample` does (no penalties, no forced or
+    suppressed tokens, no beams...)."""
+    for k, v in vars(gcfg).items():
+        if v is None or k in _IGNORED or k.startswith("_"):
+            continue
+        if k in _NEUTRAL and v == _NEUTRAL[k]:
+            continue
+        if isinstance(v, dict) and not v:
+            continue
+        return False
+    return True
+
+
+def supports(base: nn.Module) -> bool:
+    """A plain HF Llama (LlamaForCausalLM, sdpa attention, no hooks on the layer modules)."""
+    try:
+        from transformers.models.llama import modeling_llama as ml
+    except ImportError:  # pragma: no cover
+        return False
+    if type(base) is not ml.LlamaForCausalLM or not isinstance(getattr(base, "model", None), ml.LlamaModel):
+        return False
+    cfg = base.config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    model = base.model
+    modules = [model, model.norm, model.embed_tokens, model.rotary_emb, base.lm_head]
+    for layer in model.layers:
+        if (type(layer) is not ml.LlamaDecoderLayer or type(layer.self_attn) is not ml.LlamaAttention
+                or type(layer.mlp) is not ml.LlamaMLP):
+            return False
+        modules += [layer, layer.self_attn, layer.mlp]
+    # Hooks on the modules whose forward this skips would be skipped too (the linear layers,
+    # norms and activations it calls as modules keep theirs).
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class LeanLlama:
+    """The decoder of a Llama base as a plain loop over its layers (see the module docstring)."""
+
+    def __init__(self, base: nn.Module):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.base = base
+        self.model = base.model
+        self.config = base.config
+        self.layers = list(self.model.layers)
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self._sdpa = sdpa_attention_forward
+        self._rope = apply_rotary_pos_emb
+        self._causal_mask = create_causal_mask
+
+    def rotary(self, like: torch.Tensor, position_ids_BT: torch.Tensor):
+        return self.model.rotary_emb(like, position_ids=position_ids_BT)
+
+    def prefill_mask(self, embeds_BTH: torch.Tensor, attention_mask_BT: torch.Tensor, position_ids_BT):
+        """HF's sdpa mask for a pass over whole sequences (None where sdpa runs causal itself)."""
+        return self._causal_mask(config=self.config, inputs_embeds=embeds_BTH, attention_mask=attention_mask_BT,
+                                 cache=None, position_ids=position_ids_BT)
+
+    def forward(self, embeds_BTH, cos, sin, mask, cache: "KVCache | None" = None, start: int = 0) -> torch.Tensor:
+        """Final (normed) hidden states (B, T, H) of tokens (embedded) at cache slots [start, start + T).
+
+        `cos, sin`: the rotary tables of these tokens' positions; `mask`: HF's sdpa mask (bool
+        (B, 1, T, start + T)) or None for plain causal attention; `cache`: a KVCache or None.
+        """
+        h = embeds_BTH
+        B, T = h.shape[:2]
+        shape = (B, T, -1, self.head_dim)
+        end = start + T
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            if cache is not None:
+                kc, vc = cache.buffers(i, k)
+                kc[:, :, start:end] = k
+                vc[:, :, start:end] = v
+                k, v = kc[:, :, :end], vc[:, :, :end]
+            o, _ = self._sdpa(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+            o = o.reshape(B, T, -1).contiguous()
+            h = residual + attn.o_proj(o)
+            residual = h
+            x = layer.post_attention_layernorm(h)
+            mlp = layer.mlp
+            h = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.model.norm(h)
+
+
+
+class KVCache:
+    """Pre-allocated keys/values of every layer, (B, kv_heads, length, head_dim) each, allocated at
+    the first write in the dtype the layer produces."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def buffers(self, i: int, k: torch.Tensor):
+        if i == len(self.layers):
+            B, n_kv, _, hd = k.shape
+            self.layers.append(tuple(torch.empty(B, n_kv, self.length, hd, dtype=k.dtype, device=k.device)
+                                     for _ in range(2)))
+        return self.layers[i]
+
+
+def _processors(prompt_len: int, min_new_tokens: int, eos: list[int] | None, do_sample: bool, temperature: float,
+                top_k: int, top_p: float, device):
+    """The logits processors HF `generate` builds for these settings, in its order."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if eos is not None and min_new_tokens and min_new_tokens > 0:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new_tokens, eos, device=device))
+    if do_sample:
+        if temperature is not None and temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k != 0:
+            procs.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+        if top_p is not None and top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return procs
+
+
+@torch.no_grad()
+def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *, max_new_tokens: int,
+           min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float, eos_token_id,
+           pad_token_id) -> torch.Tensor:
+    """Left-padded prompts + up to max_new_tokens sampled tokens (B, P + n), as HF `generate`.
+
+    Runs under whatever adapter routing the caller set up (the linear layers are called as modules).
+    """
+    B, P = input_ids_BP.shape
+    R = max_new_tokens
+    dev = input_ids_BP.device
+    eos = None if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    procs = _processors(P, min_new_tokens, eos, do_sample, temperature, top_k, top_p, dev)
+    eos_t = None if eos is None else torch.tensor(eos, device=dev)
+    pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)  # HF: pad = first EOS
+
+    # Generated positions always count as attended (HF extends the mask with ones), EOS or not.
+    full_mask = torch.cat([attention_mask_BP, attention_mask_BP.new_ones(B, R)], 1)
+    pos = full_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(full_mask == 0, 0)
+    cache = KVCache(P + R)
+    out = torch.full((B, P + R), pad, dtype=input_ids_BP.dtype, device=dev)
+    out[:, :P] = input_ids_BP
+    unfinished = torch.ones(B, dtype=torch.long, device=dev)
+    padded = not bool(full_mask.all())
+    lm_head = lean.base.lm_head
+
+    embeds = lean.model.embed_tokens(input_ids_BP)
+    cos, sin = lean.rotary(embeds, pos)
+    mask = lean.prefill_mask(embeds, attention_mask_BP, pos[:, :P])
+    start = 0
+    for t in range(R):
+        n = embeds.shape[1]
+        h = lean.forward(embeds, cos[:, start:start + n], sin[:, start:start + n], mask, cache, start)
+        start += n
+        logits = lm_head(h[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
+        scores = procs(out[:, :P + t], logits)
+        if do_sample:
+            probs = F.softmax(scores, dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        if eos_t is not None:
+            nxt = nxt * unfinished + pad * (1 - unfinished)
+        out[:, P + t] = nxt
+        if eos_t is not None:
+            unfinished = unfinished & ~torch.isin(nxt, eos_t)
+            if unfinished.max() == 0:
+                return out[:, :P + t + 1]
+        embeds = lean.model.embed_tokens(nxt[:, None])
+        mask = full_mask[:, None, None, :start + 1].bool() if padded else None
+    return out
+

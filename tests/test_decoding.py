@@ -1,0 +1,132 @@
+"""marl_ray.decoding: the lean Llama loop samples exactly what HF `generate` samples.
+
+Same seed, same settings: the same tokens, token for token (the logits agree bit for bit), for
+greedy and sampling, top-k/top-p/temperature, min_new_tokens with EOS (rows that end early, a
+batch that ends early), left padding, one policy, mixed policies with the reference, fp32 and bf16.
+Bases or settings it does not cover go to HF `generate`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import lora_config, quiet_from_pretrained, randomize_policy_
+
+
+def _model(base_dir, dtype="fp32"):
+    from marl_ray.multi_adapter import MultiAdapterModel
+
+    m = quiet_from_pretrained(MultiAdapterModel, str(base_dir), dtype=dtype)
+    for i, name in enumerate(("a", "b")):
+        m.add_policy(name, lora_config(), seed=i)
+        randomize_policy_(m, name, seed=10 + i)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model(base_dir):
+    return _model(base_dir)
+
+
+def _prompts(padded: bool):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 200, (6, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[:3, :3] = 0
+        mask[:3, :3] = 0
+        ids[0, :5] = 0
+        mask[0, :5] = 0
+    return ids, mask
+
+
+def _both(m, ids, mask, policies, **kw):
+    outs = []
+    for lean in (False, True):
+        m.lean_generate = lean
+        torch.manual_seed(1234)
+        outs.append(m.generate(ids, mask, policies, **kw))
+    m.lean_generate = True
+    return outs
+
+
+SETTINGS = [
+    dict(do_sample=False),
+    dict(),  # temperature 1, top_k 0, top_p 1: the reference workload's
+    dict(top_k=1),
+    dict(temperature=0.7, top_k=20, top_p=0.9),
+    dict(temperature=1.3, top_p=0.8),
+    dict(min_new_tokens=2, eos_token_id=list(range(2, 200, 3))),  # EOS likely: rows end early
+    dict(min_new_tokens=0, eos_token_id=list(range(512)), do_sample=False),  # every row ends at once
+]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("policies", ["a", ["a", "b", "ref", "a", "ref", "b"]], ids=["one", "mixed"])
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={str(v)[:8]}" for k, v in kw.items()) or "default")
+def test_lean_sampling_is_hf_generate(model, padded, policies, kw):
+    from marl_ray import decoding
+
+    assert decoding.supports(model.base)
+    ids, mask = _prompts(padded)
+    hf, lean = _both(model, ids, mask, policies, max_new_tokens=10, **kw)
+    assert lean.shape == hf.shape and torch.equal(lean, hf)
+    if "eos_token_id" in kw and kw.get("min_new_tokens") == 0:
+        assert hf.shape[1] == ids.shape[1] + 1  # the batch ended after one token
+
+
+def test_lean_sampling_is_hf_generate_bf16(base_dir):
+    m = _model(base_dir, "bf16")
+    ids, mask = _prompts(True)
+    for kw in (dict(do_sample=False), dict()):
+        hf, lean = _both(m, ids, mask, ["a", "b", "a", "ref", "b", "a"], max_new_tokens=8, **kw)
+        assert torch.equal(lean, hf)
+
+
+def test_min_new_tokens_and_eos(model):
+    """EOS is never drawn before min_new_tokens; after it, a row that drew EOS gets only padding."""
+    ids, mask = _prompts(False)
+    free = model.generate(ids[:1], mask[:1], "a", max_new_tokens=6, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 1])  # the 2nd greedy token becomes EOS
+    ended = model.generate(ids[:1], mask[:1], "a", max_new_tokens=6, min_new_tokens=0, do_sample=False,
+                           eos_token_id=eos, pad_token_id=0)
+    assert ended.shape[1] == ids.shape[1] + 2 and int(ended[0, -1]) == eos
+    later = model.generate(ids[:1], mask[:1], "a", max_new_tokens=6, min_new_tokens=3, do_sample=False,
+                           eos_token_id=eos, pad_token_id=0)
+    assert eos not in later[0, ids.shape[1]:ids.shape[1] + 3].tolist()
+    # two rows, one ends early: it is padded while the other goes on
+    both = model.generate(ids[:2], mask[:2], "a", max_new_tokens=6, min_new_tokens=0, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)
+    hf, _ = _both(model, ids[:2], mask[:2], "a", max_new_tokens=6, min_new_tokens=0, do_sample=False,
+                  eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(both, hf)
+
+
+def test_other_bases_and_settings_use_hf_generate(model, monkeypatch):
+    from marl_ray import decoding
+
+    calls = []
+    real = decoding.sample
+    monkeypatch.setattr(decoding, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = _prompts(False)
+    model.generate(ids, mask, "a", max_new_tokens=3)
+    assert calls == [1]
+    # a logits processor from the base's generation config that `sample` does not apply
+    gcfg = model.base.generation_config
+    monkeypatch.setattr(gcfg, "repetition_penalty", 1.3)
+    assert not decoding.generation_config_is_plain(gcfg)
+    hf_out = model.generate(ids, mask, "a", max_new_tokens=3, do_sample=False)
+    assert calls == [1]
+    monkeypatch.setattr(gcfg, "repetition_penalty", 1.0)
+    assert decoding.generation_config_is_plain(gcfg)
+    # a hook on a module the lean loop skips: HF's forward runs it, so HF generate it is
+    handle = model.base.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert not decoding.supports(model.base)
+        model.generate(ids, mask, "a", max_new_tokens=3)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    assert decoding.supports(model.base)
+    assert hf_out.shape == (6, ids.shape[1] + 3)
