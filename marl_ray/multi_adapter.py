@@ -146,6 +146,7 @@ class MultiAdapterModel(nn.Module):
         # the base allows it; False: always HF generate.
         self.lean_generate = True
         self._lean_model = None
+        self._lora_cache: dict[str, dict[str, nn.Parameter]] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, quantization="none", dtype="fp32", reference_adapter=None,
@@ -197,13 +198,18 @@ class MultiAdapterModel(nn.Module):
                 self.peft = get_peft_model(self.base, config, adapter_name=name)
             else:
                 self.peft.add_adapter(name, config)
+        self._lora_cache.clear()
         self.peft.eval()
 
     def _lora_params(self, name: str) -> dict[str, nn.Parameter]:
+        """Parameter name -> LoRA tensor of adapter `name` (looked up once per set of adapters:
+        training reads it several times per minibatch)."""
         if self.peft is None:
             return {}
-        keys = (f".lora_A.{name}.", f".lora_B.{name}.", f".lora_embedding_A.{name}", f".lora_embedding_B.{name}")
-        return {n: p for n, p in self.peft.named_parameters() if any(k in n for k in keys)}
+        if name not in self._lora_cache:
+            keys = (f".lora_A.{name}.", f".lora_B.{name}.", f".lora_embedding_A.{name}", f".lora_embedding_B.{name}")
+            self._lora_cache[name] = {n: p for n, p in self.peft.named_parameters() if any(k in n for k in keys)}
+        return dict(self._lora_cache[name])
 
     def _refresh_grad_flags(self):
         """Only policy adapters and value heads are trainable. peft's set_adapter/add_adapter
@@ -257,6 +263,7 @@ class MultiAdapterModel(nn.Module):
                     params[k].copy_(v.to(params[k].dtype))
         except BaseException:
             self.peft.delete_adapter(name)
+            self._lora_cache.clear()
             raise
         self.roles[name] = role
 
@@ -387,15 +394,13 @@ class MultiAdapterModel(nn.Module):
             return
         if len(uniq) == 1:
             (name,) = uniq
-            prev = self.peft.active_adapter
-            if prev != name:
+            # The adapter stays active after the pass: every pass names its adapters (nothing reads
+            # peft's active adapter otherwise), so the next pass under the same one switches nothing.
+            # (PeftModel.active_adapter does not follow base_model.set_adapter: ask the tuner.)
+            if self.peft.base_model.active_adapter not in (name, [name]):
                 self.peft.base_model.set_adapter(name)
-            try:
-                yield
-            finally:
-                if prev != name:  # set_adapter switched requires_grad flags: put ours back
-                    self.peft.base_model.set_adapter(prev)
-                    self._refresh_grad_flags()
+                self._refresh_grad_flags()  # set_adapter switched requires_grad flags: put ours back
+            yield
             return
         was_training = self.peft.base_model.training
         self.peft.base_model.eval()
