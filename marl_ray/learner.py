@@ -188,7 +188,8 @@ class Learner:
                         log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
                         continue
                     grads_ref = put(grads, self.local)
-                    sums = get([h.optim_step.remote(p, grads_ref, g.max_grad_norm) for h in self.hosts])
+                    replicas = len(self.hosts) > 1  # checksums only to compare replicas
+                    sums = get([h.optim_step.remote(p, grads_ref, g.max_grad_norm, replicas) for h in self.hosts])
                     if len(set(sums)) != 1:
                         raise ReplicaDivergence(f"policy {p!r}: hosts disagree after step {self.step}: {sums}")
                     stats[p].append(mb_stats)
