@@ -83,6 +83,9 @@ class ModelSpec:
     quantization: Literal["none", "8bit", "4bit"] = opt("none", "Load the frozen base weights quantised.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Floating-point dtype of the base model.")
     reference_adapter: Optional[str] = opt(None, "Frozen LoRA adapter used as the reference; null = the bare base.")
+    gradient_checkpointing: Optional[bool] = opt(
+        None, "Recompute decoder layers in the backward pass instead of storing their activations (less memory, "
+        "about one more forward per training pass); null = on for 4/8-bit bases, off otherwise.")
 
 
 def _check_name(at: str, name: str) -> None:

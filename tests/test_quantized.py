@@ -181,3 +181,38 @@ def test_4bit_evaluate_equals_separate_passes(base_dir, reward_dir, rollout):
             torch.testing.assert_close(ev.values_BR[i:i + 1], v, atol=1e-5, rtol=0)
     torch.testing.assert_close(ev.scores_B, m.reward_scores("rm", ids, mask), atol=1e-5, rtol=0)
     torch.testing.assert_close(ev.ref_logprobs_BR, m.reference_logprobs(ids, mask, rs), atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(twins, rollout):
+    """Quantized bases train with checkpointed decoder layers by default (the fp32 twin does not,
+    so test_gradients_match_dequantized_fp32 compares the two routes); on one model both routes
+    give the same gradients."""
+    quantization, qm, fm = twins
+    assert qm.gradient_checkpointing and not fm.gradient_checkpointing
+    plain, _ = lora_grads(fm, rollout)
+    fm.gradient_checkpointing = True
+    try:
+        checkpointed, _ = lora_grads(fm, rollout)
+    finally:
+        fm.gradient_checkpointing = False
+    assert plain.keys() == checkpointed.keys() and len(plain) > 2
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-7)
+    layer = fm.base.get_decoder().layers[0]
+    assert "forward" not in vars(layer), "the checkpointing wrapper must be removed after the pass"
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_converting_load_reads_the_same_weights(base_dir, quantization, monkeypatch):
+    """A quantized base is read tensor by tensor (pread, no mapped checkpoint): same packed weights
+    and statistics as transformers' default mapped load."""
+    import contextlib
+
+    from marl_ray import multi_adapter
+
+    lean = raw_storage(MultiAdapterModel.from_pretrained(str(base_dir), quantization=quantization))
+    monkeypatch.setattr(multi_adapter, "_converting_load", lambda enabled: contextlib.nullcontext())
+    mapped = raw_storage(MultiAdapterModel.from_pretrained(str(base_dir), quantization=quantization))
+    assert lean.keys() == mapped.keys() and lean
+    for k in lean:
+        assert torch.equal(lean[k], mapped[k]), k

@@ -64,7 +64,7 @@ class ModelHost:
         self.host_index = host_index
         self.model = MultiAdapterModel.from_pretrained(
             model["base"], quantization=model.get("quantization", "none"), dtype=model.get("dtype", "fp32"),
-            reference_adapter=model.get("reference_adapter"))
+            reference_adapter=model.get("reference_adapter"), gradient_checkpointing=model.get("gradient_checkpointing"))
         for r in rewards:
             self.model.add_reward(r["name"], r["path"])
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
