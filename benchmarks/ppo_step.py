@@ -72,7 +72,8 @@ def make_config(base, rm, prompts, args, out_dir):
                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
                 for i in range(args.policies)]
     return load_config(PPORunConfig, base={
-        "model": {"base": str(base), "quantization": args.quant, "dtype": args.dtype},
+        "model": {"base": str(base), "quantization": args.quant, "dtype": args.dtype,
+                  "gradient_checkpointing": {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]},
         "rewards": [{"name": "rm", "path": str(rm)}],
         "policies": policies,
         "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "backend": args.backend},
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                     help="rollout engine (vllm: needs the vllm extra, e.g. .venv-vllm on CPU)")
+    ap.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                    help="recompute decoder layers in training (auto: on for 4/8-bit bases)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     med = statistics.median([s["time/step_s"] for s in timed])
     result = {
         "impl": "marl-ray", "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": args.policies,
-        "runtime": args.runtime, "backend": args.backend, "torch_threads": args.threads, "params": info["base_params"],
+        "runtime": args.runtime, "backend": args.backend, "gradient_checkpointing": args.gradient_checkpointing, "torch_threads": args.threads, "params": info["base_params"],
         "step_s_median": med, "step_s_all": [s["time/step_s"] for s in timed],
         "gen_s_median": statistics.median([s["time/rollout_s"] for s in timed]),
         "score_s_median": statistics.median([s["time/score_s"] for s in timed]),

@@ -18,6 +18,8 @@ generation config with extra logits processors) is left to HF: see `supports` an
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -93,6 +95,9 @@ class LeanLlama:
         self._sdpa = sdpa_attention_forward
         self._rope = apply_rotary_pos_emb
         self._causal_mask = create_causal_mask
+        # transformers 5.20 renamed create_causal_mask's past_key_values to cache
+        params = inspect.signature(create_causal_mask).parameters
+        self._mask_cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def rotary(self, like: torch.Tensor, position_ids_BT: torch.Tensor):
         return self.model.rotary_emb(like, position_ids=position_ids_BT)
@@ -100,7 +105,7 @@ class LeanLlama:
     def prefill_mask(self, embeds_BTH: torch.Tensor, attention_mask_BT: torch.Tensor, position_ids_BT):
         """HF's sdpa mask for a pass over whole sequences (None where sdpa runs causal itself)."""
         return self._causal_mask(config=self.config, inputs_embeds=embeds_BTH, attention_mask=attention_mask_BT,
-                                 cache=None, position_ids=position_ids_BT)
+                                 position_ids=position_ids_BT, **{self._mask_cache_kw: None})
 
     def forward(self, embeds_BTH, cos, sin, mask, cache: "KVCache | None" = None, start: int = 0) -> torch.Tensor:
         """Final (normed) hidden states (B, T, H) of tokens (embedded) at cache slots [start, start + T).
