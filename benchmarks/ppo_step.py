@@ -73,10 +73,11 @@ def make_config(base, rm, prompts, args, out_dir):
                 for i in range(args.policies)]
     return load_config(PPORunConfig, base={
         "model": {"base": str(base), "quantization": args.quant, "dtype": args.dtype,
-                  "gradient_checkpointing": {"auto": None, "on": True, "off": False}[args.gradient_checkpointing]},
+                  "gradient_checkpointing": {"auto": None, "on": True, "off": False}[getattr(args, "gradient_checkpointing", "auto")]},
         "rewards": [{"name": "rm", "path": str(rm)}],
         "policies": policies,
-        "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "backend": args.backend},
+        "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "backend": getattr(args, "backend", "hf")},
         "ppo": {"steps": 1000, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "gamma": 1.0, "lam": 0.95,
                 "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
         "cluster": {"runtime": args.runtime, "num_hosts": 1, "host_num_cpus": args.threads, "rollout_workers": 1},
