@@ -252,6 +252,19 @@ class LocalHead:
         return subprocess.run([RAY, *args], env=env or self.env, cwd=self.folder, capture_output=True, text=True,
                               timeout=timeout)
 
+    def diagnosis(self, lines: int = 15) -> str:
+        """Whether `ray start --block` is still running (it exits, taking the head down, when any
+        head process dies), the tail of its output and of the session's error logs: for failures."""
+        state = "running" if self.proc is not None and self.proc.poll() is None else (
+            f"exited with {self.proc.returncode}" if self.proc is not None else "stopped")
+        parts = [f"ray start --block: {state}", "head.log: " + "\n".join(self.log.read_text().splitlines()[-lines:])]
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        for f in sorted(logs.glob("*.err")) + sorted(logs.glob("dashboard*.log")) if logs.is_dir() else []:
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            if tail:
+                parts.append(f"{f.name}: " + "\n".join(tail))
+        return "\n\n".join(parts)
+
     def processes(self):
         import psutil
 

@@ -75,7 +75,7 @@ def test_job_trains_two_policies(head, assets, tmp_path):
     write_yaml(wd / "cfg.yaml", run_config(assets, out))
     r = _submit(head, wd, "ppo-ok")
     text = r.stdout + r.stderr
-    assert r.returncode == 0, text[-4000:]
+    assert r.returncode == 0, text[-4000:] + "\n\n" + head.diagnosis()
     assert "Job 'ppo-ok' succeeded" in _status(head, "ppo-ok")
     logs = _logs(head, "ppo-ok")
     for step in (0, 1):
@@ -112,7 +112,7 @@ def test_bad_config_jobs_fail_with_their_error_in_the_logs(head, assets, tmp_pat
         out, _ = procs[bad].communicate(timeout=300)
         assert procs[bad].returncode != 0, out[-3000:]
         job_id = f"ppo-bad-{bad}"
-        assert f"Job '{job_id}' failed" in _status(head, job_id)
+        assert f"Job '{job_id}' failed" in _status(head, job_id), head.diagnosis()
         logs = _logs(head, job_id)
         assert "config error" in logs and expected in logs, logs[-3000:]
         assert not (tmp_path / bad / "out").exists()  # failed before writing anything
