@@ -90,14 +90,14 @@ class VLLMEngine:
             max_num_seqs=max_num_seqs, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], seed=seed,
             enforce_eager=not cuda)
         self.engine_quantization = "none"
-        if not cuda:
-            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
         if cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
             if quantization == "4bit":
                 kwargs.update(quantization="bitsandbytes")
                 self.engine_quantization = "4bit"
-        elif quantization != "none":
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
+        if not cuda and quantization != "none":
             log.warning("vLLM has no %s CPU kernels: the engine's copy of the base is %s (training stays %s)",
                         quantization, dtype, quantization)
         self.can_sleep = cuda and sleep
@@ -112,6 +112,7 @@ class VLLMEngine:
         self.dir = Path(tempfile.mkdtemp(prefix="marl-ray-vllm-", dir=_ram_dir()))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.versions = {p: 0 for p in policies}
+        self._stale: set[str] = set()  # policies whose folder is newer than their slot
         self.asleep = False
 
     # ------------------------------------------------------------ adapters
@@ -122,12 +123,11 @@ class VLLMEngine:
         return LoRARequest(policy, self.slots[policy], str(self.dir / policy), **extra)
 
     def sync(self, policy: str, write) -> None:
-        """Write `policy`'s current adapter with `write(folder)` and load it into its slot in place."""
-        folder = self.dir / policy
-        write(folder)  # atomic (MultiAdapterModel.save_policy): the engine never reads half a folder
-        self.wake()
-        self._load(policy)
+        """Write `policy`'s current adapter with `write(folder)`; the next `generate` loads it into its
+        slot in place (one load per slot, however many syncs and wake-ups came before)."""
+        write(self.dir / policy)  # atomic (MultiAdapterModel.save_policy): the engine never reads half a folder
         self.versions[policy] += 1
+        self._stale.add(policy)
 
     def _load(self, policy: str) -> None:
         """(Re)load `policy`'s folder into its slot, replacing what the slot held."""
@@ -165,6 +165,9 @@ class VLLMEngine:
         # Each row its own seed: a row's sample does not depend on which rows share its batch.
         params = [SamplingParams(seed=seed * 100_003 + i, **common) for i in range(len(prompts))]
         self.wake()
+        for policy in sorted(self._stale):
+            self._load(policy)
+        self._stale.clear()
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
                                  lora_request=[self._request(p) for p in policies], use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
@@ -180,9 +183,8 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
-            for policy, version in self.versions.items():  # LoRA slots may not survive a sleep: reload
-                if version:
-                    self._load(policy)
+            # LoRA slots may not survive a sleep: generate reloads every policy sent so far.
+            self._stale.update(p for p, version in self.versions.items() if version)
 
     def info(self) -> dict:
         return {"startup_s": round(self.startup_s, 2), "can_sleep": self.can_sleep, "asleep": self.asleep,
