@@ -32,6 +32,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="passed on (default: 2, large 1)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
     ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess", help="marl-ray's runtime")
+    ap.add_argument("--marl-args", default="", help="more ppo_step.py options for marl-ray's runs, e.g. "
+                    "'--micro-batch-size 2' or '--gradient-checkpointing on'")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--marl-python", default=sys.executable)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
@@ -224,7 +227,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         for size, dtype, quant, npol in configs:
             cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
-            print(args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol), "--runtime", args.runtime)
+            print(args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol), "--runtime", args.runtime,
+                  *shlex.split(args.marl_args))
             for peer in peers:
                 print(f"{npol} x", args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg)
         return 0
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
             n += 1
             j = tmp / f"{tag}-r{r}-marl.json"
             cmd = [args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol),
-                   "--runtime", args.runtime, "--json", str(j)]
+                   "--runtime", args.runtime, "--json", str(j), *shlex.split(args.marl_args)]
             print(f"[{tag} round {r + 1}/{args.repeats}] marl-ray ...", file=sys.stderr, flush=True)
             res = run_one(cmd, env, logs / f"{tag}-r{r}-marl-ray.log", j, args.timeout)
             entry["runs"]["marl-ray"].append(res)

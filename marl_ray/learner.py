@@ -147,7 +147,8 @@ class Learner:
     def train(self, batch: Batch, ev: dict, adv: dict) -> dict[str, dict]:
         """PPO epochs; each minibatch's rows are split over the hosts, gradients summed, one step everywhere."""
         g = self.cfg.ppo
-        loss_cfg = {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
+        loss_cfg = {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef,
+                    "micro_batch_size": g.micro_batch_size}
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
         stats = {p: [] for p in self.policies}
         skipped = {p: 0 for p in self.policies}

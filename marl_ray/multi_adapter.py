@@ -234,6 +234,8 @@ class MultiAdapterModel(nn.Module):
         # Sample with decoding.sample (same tokens as HF generate, less overhead per step) where
         # the base allows it; False: always HF generate.
         self.lean_generate = True
+        # Scoring and training passes through decoding.LeanLlama too (False: the HF decoder).
+        self.lean_passes = True
         self._lean_model = None
         self._lora_cache: dict[str, dict[str, nn.Parameter]] = {}
         # Recompute each decoder layer in the backward pass instead of keeping its activations
@@ -505,15 +507,24 @@ class MultiAdapterModel(nn.Module):
         finally:
             self.peft.base_model.train(was_training)
 
-    def hidden(self, input_ids_BT, attention_mask_BT, adapters: str | Sequence[str]) -> torch.Tensor:
-        """Final hidden states (B, T, H) with row b under adapters[b] ("ref" = the reference)."""
+    def hidden(self, input_ids_BT, attention_mask_BT, adapters: str | Sequence[str], keep_from: int = 0) -> torch.Tensor:
+        """Final hidden states (B, T - keep_from, H) of positions [keep_from, T), row b under
+        adapters[b] ("ref" = the reference). A plain Llama base runs through decoding.LeanLlama
+        (eager attention, last layer on the kept positions only), any other through its HF decoder."""
         names = [adapters] * input_ids_BT.shape[0] if isinstance(adapters, str) else list(adapters)
-        decoder = self.base.get_decoder()
+        if not 0 <= keep_from < input_ids_BT.shape[1]:
+            raise ValueError(f"keep_from={keep_from} is outside the sequence (length {input_ids_BT.shape[1]})")
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-        with self._adapters(names), (_checkpointed_layers(decoder) if checkpointed else contextlib.nullcontext()):
-            out = decoder(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
-                          position_ids=positions(attention_mask_BT), use_cache=False)
-        return out.last_hidden_state
+        lean = self._lean() if self.lean_passes else None
+        with self._adapters(names):
+            if lean is not None:
+                return lean.hidden(input_ids_BT, attention_mask_BT, positions(attention_mask_BT), keep_from,
+                                   checkpoint=checkpointed)
+            decoder = self.base.get_decoder()
+            with _checkpointed_layers(decoder) if checkpointed else contextlib.nullcontext():
+                out = decoder(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                              position_ids=positions(attention_mask_BT), use_cache=False)
+        return out.last_hidden_state[:, keep_from:]
 
     def lm_logits(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
         return self.base.get_output_embeddings()(hidden_BTH).float()
@@ -535,8 +546,7 @@ class MultiAdapterModel(nn.Module):
         self._require(name, "policy")
         from marl_ray.ppo import logprobs_from_logits
 
-        h_BTH = self.hidden(input_ids_BT, attention_mask_BT, name)
-        h_BRH = h_BTH[:, response_start - 1:-1]
+        h_BRH = self.hidden(input_ids_BT, attention_mask_BT, name, keep_from=response_start - 1)[:, :-1]
         logits_BRV = self.lm_logits(h_BRH)
         logprobs_BR = logprobs_from_logits(logits_BRV, input_ids_BT[:, response_start:])
         return logprobs_BR, self.values(name, h_BRH), logits_BRV
@@ -554,7 +564,7 @@ class MultiAdapterModel(nn.Module):
     def reference_logprobs(self, input_ids_BT, attention_mask_BT, response_start: int) -> torch.Tensor:
         from marl_ray.ppo import logprobs_from_logits
 
-        h = self.hidden(input_ids_BT, attention_mask_BT, REF)[:, response_start - 1:-1]
+        h = self.hidden(input_ids_BT, attention_mask_BT, REF, keep_from=response_start - 1)[:, :-1]
         return logprobs_from_logits(self.lm_logits(h), input_ids_BT[:, response_start:])
 
     @torch.no_grad()
@@ -574,18 +584,23 @@ class MultiAdapterModel(nn.Module):
             self._require(r, "reward")
         ids = input_ids_BT.repeat(3, 1)
         mask = attention_mask_BT.repeat(3, 1)
-        h = self.hidden(ids, mask, list(policies) + [REF] * B + list(rewards))
-        h_pol, h_ref, h_rw = h[:B], h[B:2 * B], h[2 * B:]
+        # Only positions from response_start - 1 on are read: the response's logprobs and values,
+        # and the reward at each row's last real token (a response has at least one token).
+        s = response_start - 1
+        h = self.hidden(ids, mask, list(policies) + [REF] * B + list(rewards), keep_from=s)
+        h_pol, h_ref, h_rw = h[:B, :-1], h[B:2 * B, :-1], h[2 * B:]
         tokens_BR = input_ids_BT[:, response_start:]
-        logits_pol = self.lm_logits(h_pol[:, response_start - 1:-1])
+        logits_pol = self.lm_logits(h_pol)
         logprobs = logprobs_from_logits(logits_pol, tokens_BR)
-        ref_logprobs = logprobs_from_logits(self.lm_logits(h_ref[:, response_start - 1:-1]), tokens_BR)
+        ref_logprobs = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR)
         values = torch.empty_like(logprobs)
         scores = torch.empty(B, dtype=torch.float32, device=h.device)
-        last = last_token_index(attention_mask_BT)
+        last = last_token_index(attention_mask_BT) - s
+        if bool((last < 0).any()):
+            raise ValueError("a row has no real token at or after response_start - 1: nothing to score")
         for p in set(policies):
             rows = [i for i, q in enumerate(policies) if q == p]
-            values[rows] = self.values(p, h_pol[rows, response_start - 1:-1])
+            values[rows] = self.values(p, h_pol[rows])
         for r in set(rewards):
             rows = [i for i, q in enumerate(rewards) if q == r]
             scores[rows] = self.token_scores(r, h_rw[rows, last[rows]])[:, 0]

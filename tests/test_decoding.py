@@ -130,3 +130,74 @@ def test_other_bases_and_settings_use_hf_generate(model, monkeypatch):
         handle.remove()
     assert decoding.supports(model.base)
     assert hf_out.shape == (6, ids.shape[1] + 3)
+
+
+def _passes(m, lean: bool, fn):
+    m.lean_passes = lean
+    try:
+        return fn()
+    finally:
+        m.lean_passes = True
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("keep_from", [0, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_lean_passes_are_the_hf_decoder(model, padded, keep_from, attention, monkeypatch):
+    """Scoring passes through LeanLlama.hidden (eager or sdpa attention, last layer on kept
+    positions only) give the HF decoder's hidden states at every real position, under mixed
+    adapters too."""
+    from marl_ray import decoding
+
+    if attention == "sdpa":  # what sequences longer than EAGER_MAX_LEN get
+        monkeypatch.setattr(decoding, "EAGER_MAX_LEN", 0)
+    ids, mask = _prompts(padded)
+    names = ["a", "b", "ref", "a", "ref", "b"]
+    with torch.no_grad():
+        hf = _passes(model, False, lambda: model.hidden(ids, mask, names, keep_from=keep_from))
+        lean = model.hidden(ids, mask, names, keep_from=keep_from)
+    assert lean.shape == hf.shape == (6, ids.shape[1] - keep_from, model.hidden_size)
+    real = mask[:, keep_from:].bool()
+    torch.testing.assert_close(lean[real], hf[real], atol=2e-5, rtol=1e-4)
+    assert torch.isfinite(lean).all()  # left-pad queries with nothing to attend stay finite
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_lean_training_pass_gradients_are_the_hf_decoders(model, checkpoint):
+    """policy_forward's logprobs, values and LoRA/value-head gradients agree between the two paths
+    (with gradient checkpointing too), on left-padded prompts."""
+    prompt, prompt_mask = _prompts(True)  # left-padded prompts + 5 response tokens
+    ids = torch.cat([prompt, torch.randint(4, 200, (6, 5), generator=torch.Generator().manual_seed(1))], 1)
+    mask = torch.cat([prompt_mask, torch.ones(6, 5, dtype=prompt_mask.dtype)], 1)
+    mask[1, -2:] = 0  # a response that ended early
+    P = prompt.shape[1]
+    params = model.policy_parameters("a")
+    real = mask[:, P:].bool()  # padded positions carry garbage in both paths: only real ones count
+
+    def run():
+        lp, v, _ = model.policy_forward("a", ids, mask, response_start=P)
+        lp, v = lp.where(real, 0.0), v.where(real, 0.0)
+        grads = torch.autograd.grad(lp.sum() + 0.1 * v.square().sum(), params)
+        return [lp.detach(), v.detach()] + list(grads)
+
+    hf = _passes(model, False, run)
+    model.gradient_checkpointing = checkpoint
+    try:
+        lean = run()
+    finally:
+        model.gradient_checkpointing = False
+    for a, b in zip(lean, hf):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert all(g.abs().sum() > 0 for g in lean[2:])
+
+
+def test_lean_passes_bf16(base_dir):
+    m = _model(base_dir, "bf16")
+    ids, mask = _prompts(True)
+    with torch.no_grad():
+        hf = _passes(m, False, lambda: m.hidden(ids, mask, ["a", "b", "ref"] * 2, keep_from=3))
+        lean = m.hidden(ids, mask, ["a", "b", "ref"] * 2, keep_from=3)
+    real = mask[:, 3:].bool()
+    assert lean.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits; the two attention kernels round differently
+    torch.testing.assert_close(lean[real].float(), hf[real].float(), atol=0.1, rtol=0.05)

@@ -241,12 +241,13 @@ def _minibatch(batch, ev, adv, policy, local):
             "advantages": adv[policy]["advantages"][local], "returns": adv[policy]["returns"][local]}
 
 
-def _loss_cfg(cfg):
+def _loss_cfg(cfg, micro_batch_size=None):
     g = cfg.ppo
-    return {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef}
+    return {"cliprange": g.cliprange, "cliprange_value": g.cliprange_value, "vf_coef": g.vf_coef,
+            "micro_batch_size": micro_batch_size}
 
 
-def _sharded_grads(hosts, batch, ev, adv, policy, local, cfg):
+def _sharded_grads(hosts, batch, ev, adv, policy, local, cfg, micro_batch_size=None):
     """Each host's share of the minibatch `local` (contiguous split, as the Learner does); grads summed."""
     import ray
 
@@ -254,7 +255,7 @@ def _sharded_grads(hosts, batch, ev, adv, policy, local, cfg):
 
     total = float(adv[policy]["mask"][local].sum().clamp(min=1))
     refs = [h.forward_backward.remote(policy, _minibatch(batch, ev, adv, policy, [local[i] for i in shard]), total,
-                                      _loss_cfg(cfg))
+                                      _loss_cfg(cfg, micro_batch_size))
             for h, shard in zip(hosts, _split(len(local), len(hosts)))]
     results = ray.get(refs)
     grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
@@ -294,6 +295,12 @@ def test_sharded_gradient_step_equals_single_host_step(run):
         torch.testing.assert_close(summed[k], whole[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
     for k in stats1:
         assert stats2[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-7), k
+    # ppo.micro_batch_size: the same shard in chunks of 3 rows (the last one shorter), gradients summed
+    micro, stats3 = _sharded_grads([solo], batch, ev, adv, policy, local, cfg, micro_batch_size=3)
+    for k in whole:
+        torch.testing.assert_close(micro[k], whole[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"micro grad {k}: {m}")
+    for k in stats1:
+        assert stats3[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-7), k
 
     sums = ray.get([h.optim_step.remote(policy, ray.put(summed), cfg.ppo.max_grad_norm) for h in hosts])
     assert sums[0] == sums[1]

@@ -209,8 +209,22 @@ class ModelHost:
         """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
 
         The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
-        gives exactly the gradient of the whole minibatch's token-mean loss.
+        gives exactly the gradient of the whole minibatch's token-mean loss. With
+        loss_cfg["micro_batch_size"] the shard runs in chunks of that many rows, each scaled the
+        same way, and their gradients and stats are summed here.
         """
+        n = mb["input_ids"].shape[0]
+        step = loss_cfg.get("micro_batch_size") or n
+        trainable = self.model.policy_state(policy)
+        grads, stats = None, None
+        for lo in range(0, n, step):
+            chunk = {k: (v[lo:lo + step] if torch.is_tensor(v) else v) for k, v in mb.items()}
+            g, s = self._forward_backward(policy, trainable, chunk, total_tokens, loss_cfg)
+            grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
+            stats = s if stats is None else {k: stats[k] + s[k] for k in stats}
+        return {k: g.detach().cpu() for k, g in grads.items()}, stats
+
+    def _forward_backward(self, policy: str, trainable: dict, mb: dict, total_tokens: float, loss_cfg: dict):
         dev = self.model.device
         mask = mb["mask"].to(dev).float()
         logprobs, values, logits = self.model.policy_forward(
@@ -221,10 +235,8 @@ class ModelHost:
                                       cliprange_value=loss_cfg["cliprange_value"])
         share = float(mask.sum()) / total_tokens
         loss = (pg + loss_cfg["vf_coef"] * vf) * share
-        trainable = self.model.policy_state(policy)
         grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-        out = {k: (g if g is not None else torch.zeros_like(p)).detach().cpu()
-               for (k, p), g in zip(trainable.items(), grads)}
+        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
         with torch.no_grad():
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
         pg, vf = pg.detach(), vf.detach()
@@ -233,7 +245,7 @@ class ModelHost:
                  "policy/clipfrac": float(pg_stats["clipfrac"]) * share,
                  "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
                  "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
-        return out, stats
+        return grads, stats
 
     def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None, checksum: bool = True) -> str:
         """Apply one optimizer step from (averaged) gradients; returns the policy's checksum ("" with
