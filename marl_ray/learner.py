@@ -175,9 +175,20 @@ class Learner:
                               "response_start": batch.response_start, "mask": adv[p]["mask"][loc],
                               "old_logprobs": ev["logprobs_BR"][sel], "old_values": ev["values_BR"][sel],
                               "advantages": adv[p]["advantages"][loc], "returns": adv[p]["returns"][loc]}
-                        refs.append(h.forward_backward.remote(p, mb, total, loss_cfg))
+                        if len(self.hosts) == 1:  # nothing to sum: the gradients stay on the host
+                            refs.append(h.train_minibatch.remote(p, mb, total, loss_cfg, g.max_grad_norm))
+                        else:
+                            refs.append(h.forward_backward.remote(p, mb, total, loss_cfg))
                     pending[p] = refs
                 for p, refs in pending.items():
+                    if len(self.hosts) == 1:
+                        mb_stats, applied = get(refs[0])
+                        if not applied:
+                            skipped[p] += 1
+                            log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
+                        else:
+                            stats[p].append(mb_stats)
+                        continue
                     results = get(refs)
                     grads = {k: sum(r[0][k] for r in results) for k in results[0][0]}
                     mb_stats = {k: sum(r[1][k] for r in results) for k in results[0][1]}

@@ -318,6 +318,32 @@ def test_sharded_gradient_step_equals_single_host_step(run):
     # from sums[0]; the replicas themselves are bit-identical (sums[0] == sums[1]).
     del solo_sum
 
+    # train_minibatch (what a learner with one host calls) == forward_backward + optim_step, bit for bit
+    start = ray.get(solo.get_state.remote(policy))
+    mb = _minibatch(batch, ev, adv, policy, local)
+    total = float(adv[policy]["mask"][local].sum())
+    stats_fused, applied = ray.get(solo.train_minibatch.remote(policy, mb, total, _loss_cfg(cfg),
+                                                               cfg.ppo.max_grad_norm))
+    fused = ray.get(solo.get_state.remote(policy))
+    ray.get(solo.set_state.remote(policy, start))
+    grads, stats_split = ray.get(solo.forward_backward.remote(policy, mb, total, _loss_cfg(cfg)))
+    ray.get(solo.optim_step.remote(policy, grads, cfg.ppo.max_grad_norm))
+    split = ray.get(solo.get_state.remote(policy))
+    assert applied and stats_fused == stats_split
+    for k in split["weights"]:
+        assert torch.equal(fused["weights"][k], split["weights"][k]), k
+        assert not torch.equal(fused["weights"][k], start["weights"][k]) or "lora_A" in k
+    # a non-finite gradient: nothing is applied, weights and optimizer state stay as they were
+    before = ray.get(solo.checksum.remote(policy))
+    bad = dict(mb, advantages=torch.full_like(mb["advantages"], float("nan")))
+    _, applied = ray.get(solo.train_minibatch.remote(policy, bad, total, _loss_cfg(cfg), cfg.ppo.max_grad_norm))
+    assert not applied and ray.get(solo.checksum.remote(policy)) == before
+    after_bad = ray.get(solo.get_state.remote(policy))["optimizer"]["state"]
+    assert after_bad.keys() == split["optimizer"]["state"].keys()
+    for i, st in after_bad.items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(split["optimizer"]["state"][i][name])), (i, name)
+
 
 def _tensor_bytes_here() -> int:
     gc.collect()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import random
 from pathlib import Path
@@ -213,6 +214,11 @@ class ModelHost:
         loss_cfg["micro_batch_size"] the shard runs in chunks of that many rows, each scaled the
         same way, and their gradients and stats are summed here.
         """
+        grads, stats = self._gradients(policy, mb, total_tokens, loss_cfg)
+        return {k: g.cpu() for k, g in grads.items()}, stats
+
+    def _gradients(self, policy: str, mb: dict, total_tokens: float, loss_cfg: dict) -> tuple[dict, dict]:
+        """forward_backward's gradients (on the model's device) and stats."""
         n = mb["input_ids"].shape[0]
         step = loss_cfg.get("micro_batch_size") or n
         trainable = self.model.policy_state(policy)
@@ -222,7 +228,7 @@ class ModelHost:
             g, s = self._forward_backward(policy, trainable, chunk, total_tokens, loss_cfg)
             grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
             stats = s if stats is None else {k: stats[k] + s[k] for k in stats}
-        return {k: g.detach().cpu() for k, g in grads.items()}, stats
+        return {k: g.detach() for k, g in grads.items()}, stats
 
     def _forward_backward(self, policy: str, trainable: dict, mb: dict, total_tokens: float, loss_cfg: dict):
         dev = self.model.device
@@ -246,6 +252,18 @@ class ModelHost:
                  "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
                  "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
         return grads, stats
+
+    def train_minibatch(self, policy: str, mb: dict, total_tokens: float, loss_cfg: dict,
+                        max_grad_norm: float | None) -> tuple[dict, bool]:
+        """forward_backward + optim_step in one call, for a learner with this one host: the gradients
+        never leave the host. Returns (stats, applied); nothing is applied (weights and optimizer
+        state untouched) when a gradient or a stat is not finite."""
+        grads, stats = self._gradients(policy, mb, total_tokens, loss_cfg)
+        finite = all(bool(torch.isfinite(g).all()) for g in grads.values()) and all(
+            math.isfinite(v) for v in stats.values())
+        if finite:
+            self.optim_step(policy, grads, max_grad_norm, checksum=False)
+        return stats, finite
 
     def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None, checksum: bool = True) -> str:
         """Apply one optimizer step from (averaged) gradients; returns the policy's checksum ("" with
