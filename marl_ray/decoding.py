@@ -124,12 +124,16 @@ class LeanLlama:
         return self.model.norm(h)
 
     def hidden(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-               keep_from: int = 0, checkpoint: bool = False) -> torch.Tensor:
+               keep_from: int = 0, checkpoint: bool = False,
+               lora_rows: "list[tuple[str | None, int, int]] | None" = None) -> torch.Tensor:
         """Final (normed) hidden states (B, T - keep_from, H) of a pass over whole sequences.
 
         For scoring and training passes. The last layer computes only positions >= `keep_from`
         (all positions' keys and values still enter attention): nothing reads the rest.
         `checkpoint`: recompute each layer in the backward pass instead of keeping its activations.
+        `lora_rows`: (peft adapter name or None for none, first row, end row) for consecutive row
+        ranges covering the batch; plain peft LoRA linear layers then compute their adapters here
+        (see `_project`) instead of through peft's forward and its adapter routing.
         Attention: on a CPU, for sequences up to EAGER_MAX_LEN, HF's eager attention (scores by
         matmul, softmax in fp32), which runs forward and backward 1.3-4x faster there than sdpa
         (most in bf16); otherwise sdpa, whose memory does not grow with T^2.
@@ -149,7 +153,7 @@ class LeanLlama:
             attention, mask = self._sdpa, keep
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
-            args = (i, h, cos, sin, mask, attention, None, 0, keep_from if i == last else 0)
+            args = (i, h, cos, sin, mask, attention, None, 0, keep_from if i == last else 0, lora_rows)
             if checkpoint and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint as run_checkpointed
 
@@ -159,22 +163,24 @@ class LeanLlama:
         return self.model.norm(h)
 
     def _layer(self, i: int, h, cos, sin, mask, attention, cache: "KVCache | None", start: int,
-               q_from: int = 0) -> torch.Tensor:
+               q_from: int = 0, lora_rows=None) -> torch.Tensor:
         """Decoder layer i on h (B, T, H): LlamaDecoderLayer's operations, in its order. With q_from > 0
         only positions >= q_from are computed (all T positions' keys and values are): (B, T - q_from, H)."""
         layer = self.layers[i]
+        proj = (lambda module, x: module(x)) if lora_rows is None else (
+            lambda module, x: _project(module, x, lora_rows))
         attn = layer.self_attn
         B, T = h.shape[:2]
         x = layer.input_layernorm(h)
-        k = attn.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = proj(attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = proj(attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if q_from:
             h, x, mask = h[:, q_from:], x[:, q_from:], mask[:, :, q_from:]
-            q = attn.q_proj(x).view(B, T - q_from, -1, self.head_dim).transpose(1, 2)
+            q = proj(attn.q_proj, x).view(B, T - q_from, -1, self.head_dim).transpose(1, 2)
             q, _ = self._rope(q, q, cos[:, q_from:], sin[:, q_from:])
             _, k = self._rope(k, k, cos, sin)
         else:
-            q = attn.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q = proj(attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, k, cos, sin)
         end = start + T
         if cache is not None:
@@ -184,10 +190,46 @@ class LeanLlama:
             k, v = kc[:, :, :end], vc[:, :, :end]
         o, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         o = o.reshape(B, q.shape[2], -1).contiguous()
-        h = h + attn.o_proj(o)
+        h = h + proj(attn.o_proj, o)
         x = layer.post_attention_layernorm(h)
         mlp = layer.mlp
-        return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return h + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, x)) * proj(mlp.up_proj, x))
+
+
+def _plain_lora(module: nn.Module) -> bool:
+    """A peft LoRA Linear over a plain nn.Linear, unmerged, with no LoRA variant (DoRA...) and no
+    active dropout: what `_project` computes itself."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear or module.merged:
+        return False
+    if getattr(module, "lora_variant", None) or any(getattr(module, "use_dora", {}).values()):
+        return False
+    return not (module.training and any(not isinstance(d, nn.Identity) for d in module.lora_dropout.values()))
+
+
+def _project(module: nn.Module, x: torch.Tensor, lora_rows) -> torch.Tensor:
+    """module(x), with a plain peft LoRA layer's adapters applied here, row range by row range.
+
+    The adapter product runs in x's dtype: peft would copy the activations to the adapters' fp32
+    and back at every LoRA layer of a bf16 base (in fp32 the operations and their order are peft's,
+    so the result is the same bit for bit). Anything else is called as a module.
+    """
+    if not _plain_lora(module):
+        return module(x)
+    y = module.base_layer(x)
+    parts = []
+    for name, lo, hi in lora_rows:
+        part = y if len(lora_rows) == 1 else y[lo:hi]
+        if name is not None and name in module.lora_A:
+            xs = x if len(lora_rows) == 1 else x[lo:hi]
+            a = module.lora_A[name].weight.to(x.dtype)
+            b = module.lora_B[name].weight.to(x.dtype)
+            part = part + F.linear(F.linear(xs, a), b) * module.scaling[name]
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class KVCache:

@@ -519,12 +519,24 @@ class MultiAdapterModel(nn.Module):
         with self._adapters(names):
             if lean is not None:
                 return lean.hidden(input_ids_BT, attention_mask_BT, positions(attention_mask_BT), keep_from,
-                                   checkpoint=checkpointed)
+                                   checkpoint=checkpointed, lora_rows=self._lora_rows(names))
             decoder = self.base.get_decoder()
             with _checkpointed_layers(decoder) if checkpointed else contextlib.nullcontext():
                 out = decoder(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
                               position_ids=positions(attention_mask_BT), use_cache=False)
         return out.last_hidden_state[:, keep_from:]
+
+    def _lora_rows(self, names: Sequence[str]) -> list[tuple[str | None, int, int]]:
+        """Consecutive rows under the same adapter: (peft adapter name, None for none; start; end)."""
+        rows: list[tuple[str | None, int, int]] = []
+        for i, n in enumerate(names):
+            name = self._peft_name(n)
+            name = None if name == BASE else name
+            if rows and rows[-1][0] == name:
+                rows[-1] = (name, rows[-1][1], i + 1)
+            else:
+                rows.append((name, i, i + 1))
+        return rows
 
     def lm_logits(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
         return self.base.get_output_embeddings()(hidden_BTH).float()

@@ -201,3 +201,20 @@ def test_lean_passes_bf16(base_dir):
     assert lean.dtype == torch.bfloat16
     # bf16 keeps ~3 significant digits; the two attention kernels round differently
     torch.testing.assert_close(lean[real].float(), hf[real].float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("rows", [[("a", 0, 6)], [("a", 0, 2), ("b", 2, 4), (None, 4, 6)]], ids=["one", "mixed"])
+def test_project_is_peft_lora_fp32(model, rows):
+    """decoding._project computes a peft LoRA layer's output itself: in fp32, peft's bit for bit
+    (one adapter, and row ranges under different adapters and none)."""
+    from marl_ray import decoding
+
+    layer = model.base.model.layers[1].self_attn.q_proj
+    assert decoding._plain_lora(layer)
+    x = torch.randn(6, 5, model.hidden_size, generator=torch.Generator().manual_seed(3))
+    names = [n if n is not None else "__base__" for n, lo, hi in rows for _ in range(lo, hi)]
+    with torch.no_grad(), model._adapters(names):
+        want = layer(x)
+        got = decoding._project(layer, x, rows)
+    assert torch.equal(got, want)
+    assert not torch.equal(got[:2], layer.base_layer(x[:2]))  # the adapter did something
