@@ -197,13 +197,15 @@ class LeanLlama:
 
 
 def _plain_lora(module: nn.Module) -> bool:
-    """A peft LoRA Linear over a plain nn.Linear, unmerged, with no LoRA variant (DoRA...) and no
-    active dropout: what `_project` computes itself."""
+    """A peft LoRA Linear over a plain nn.Linear, unmerged, adapters not disabled, with no LoRA
+    variant (DoRA...) and no active dropout: what `_project` computes itself."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover
         return False
     if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear or module.merged:
+        return False
+    if module.disable_adapters:  # inside peft's disable_adapter(): peft's forward gives the base's output
         return False
     if getattr(module, "lora_variant", None) or any(getattr(module, "use_dora", {}).values()):
         return False
