@@ -11,6 +11,11 @@ bitsandbytes layers compute what they compute in HF's forward), with a pre-alloc
 argmax, EOS then padding, early stop when every row has ended), so under the same seed it
 draws the same tokens whenever the logits agree bit for bit (they do in the tests).
 
+`LeanLlama.hidden` runs the scoring and training passes over whole sequences on the same layer
+loop, tuned for them: on a CPU, eager attention up to EAGER_MAX_LEN tokens; the last layer only on
+the positions that are read; plain peft LoRA layers computed here (`_project`), in the
+activations' dtype.
+
 Anything this does not know (another architecture, another attention implementation, a
 generation config with extra logits processors) is left to HF: see `supports` and
 `generation_config_is_plain`; the caller then uses `generate`.

@@ -153,6 +153,7 @@ class Learner:
         stats = {p: [] for p in self.policies}
         skipped = {p: 0 for p in self.policies}
         active = [p for p in self.policies if adv[p]["finite"]]
+        single = len(self.hosts) == 1  # nothing to sum: forward, backward and step in one host call
         for p in self.policies:
             if not adv[p]["finite"]:
                 skipped[p] += 1
@@ -175,13 +176,13 @@ class Learner:
                               "response_start": batch.response_start, "mask": adv[p]["mask"][loc],
                               "old_logprobs": ev["logprobs_BR"][sel], "old_values": ev["values_BR"][sel],
                               "advantages": adv[p]["advantages"][loc], "returns": adv[p]["returns"][loc]}
-                        if len(self.hosts) == 1:  # nothing to sum: the gradients stay on the host
+                        if single:  # the gradients stay on the host
                             refs.append(h.train_minibatch.remote(p, mb, total, loss_cfg, g.max_grad_norm))
                         else:
                             refs.append(h.forward_backward.remote(p, mb, total, loss_cfg))
                     pending[p] = refs
                 for p, refs in pending.items():
-                    if len(self.hosts) == 1:
+                    if single:
                         mb_stats, applied = get(refs[0])
                         if not applied:
                             skipped[p] += 1
