@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ppo_step import emit  # noqa: E402
+
 SIZES = {"small": (256, 4), "medium": (512, 8), "large": (1024, 16)}  # hidden size, layers
 VOCAB, PROMPTS, PROMPT_LEN, NEW, MINIBATCH, EPOCHS = 512, 16, 16, 32, 8, 4
 
@@ -123,11 +127,7 @@ def main(argv=None) -> int:
                     "fraction_of_bound": {k: round(bound[k] * per_policy / v, 2) for k, v in phases.items()
                                           if v is not None},
                 })
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -9,26 +9,20 @@ each backend, and the vllm / hf ratios (median and spread over the repeats).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ppo_step import emit, run_ppo_step  # noqa: E402
 
 
 def run(backend: str, args, out: Path) -> dict:
-    cmd = [sys.executable, str(HERE / "ppo_step.py"), "--size", args.size, "--dtype", args.dtype,
-           "--backend", backend, "--threads", str(args.threads), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--json", str(out)]
-    if args.workdir:
-        cmd += ["--workdir", args.workdir]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    options = ["--size", args.size, "--dtype", args.dtype, "--backend", backend, "--threads", str(args.threads),
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    return run_ppo_step(options + (["--workdir", args.workdir] if args.workdir else []), out)
 
 
 def main(argv=None) -> int:
@@ -55,11 +49,7 @@ def main(argv=None) -> int:
         ratios[f"vllm_over_hf/{key}"] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
     result = {"size": args.size, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
               "runs": runs, "ratios": ratios}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Reports per-phase medians and the median of the per-round ratios B / A (< 1: B i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -86,11 +85,7 @@ def main(argv=None) -> int:
            "median_s": {v: {k: round(statistics.median(x), 4) for k, x in t.items()} for v, t in times.items()},
            "ratio_b_over_a": {k: round(statistics.median(b / a for a, b in zip(times["A"][k], times["B"][k])), 3)
                               for k in ("score", "train")}}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return ppo_step.emit(out, args.json)
 
 
 if __name__ == "__main__":

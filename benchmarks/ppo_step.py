@@ -15,6 +15,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,25 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def emit(result: dict, path: str | None) -> int:
+    """Print a benchmark's result as JSON, also to `path` when given; 0, the exit status."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text)
+    return 0
+
+
+def run_ppo_step(options: list[str], out: Path, env: dict | None = None) -> dict:
+    """This script with `options`, in a process of its own on this interpreter; its JSON result."""
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(here / "ppo_step.py"), *options, "--json", str(out)]
+    done = subprocess.run(cmd, cwd=here.parent, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
 def build_workload(work: Path, size: str, n_prompts: int, seed: int = 0):
@@ -162,11 +182,7 @@ def main(argv=None) -> int:
         "peak_rss_mib": host_peak, "baseline_rss_mib": host_base, "model_rss_mib": host_peak - host_base,
         "base_copies": info["base_copies"], "iters": iters, "warmup": warmup,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,25 +11,20 @@ each phase, then their median and range over the pairs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ppo_step import emit, run_ppo_step  # noqa: E402
 
 
 def run(runtime: str, args, out: Path) -> dict:
-    cmd = [sys.executable, "benchmarks/ppo_step.py", "--size", args.size, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--runtime", runtime, "--json", str(out)]
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    options = ["--size", args.size, "--dtype", args.dtype, "--threads", str(args.threads), "--runtime", runtime]
+    return run_ppo_step(options, out, env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"))
 
 
 def main(argv=None) -> int:
@@ -55,11 +50,7 @@ def main(argv=None) -> int:
                    "max": round(max(p["ratio"][k] for p in pairs), 3)} for k in keys}
     out = {"size": args.size, "dtype": args.dtype, "threads": args.threads, "pairs": pairs,
            "ray_over_inprocess": summary}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return emit(out, args.json)
 
 
 if __name__ == "__main__":
