@@ -117,15 +117,18 @@ class LeanLlama:
         return self._causal_mask(config=self.config, inputs_embeds=embeds_BTH, attention_mask=attention_mask_BT,
                                  position_ids=position_ids_BT, **{self._mask_cache_kw: None})
 
-    def forward(self, embeds_BTH, cos, sin, mask, cache: "KVCache | None" = None, start: int = 0) -> torch.Tensor:
+    def forward(self, embeds_BTH, cos, sin, mask, cache: "KVCache | None" = None, start: int = 0,
+                attention=None, lora_rows=None) -> torch.Tensor:
         """Final (normed) hidden states (B, T, H) of tokens (embedded) at cache slots [start, start + T).
 
-        `cos, sin`: the rotary tables of these tokens' positions; `mask`: HF's sdpa mask (bool
-        (B, 1, T, start + T)) or None for plain causal attention; `cache`: a KVCache or None.
+        `cos, sin`: the rotary tables of these tokens' positions; `mask`: the attention function's
+        (sdpa: HF's bool mask (B, 1, T, start + T) or None for plain causal attention; eager: an
+        additive one); `cache`: a KVCache or None; `attention`: sdpa (default) or eager;
+        `lora_rows`: as in `hidden`, None to call every linear layer as a module.
         """
         h = embeds_BTH
         for i in range(len(self.layers)):
-            h = self._layer(i, h, cos, sin, mask, self._sdpa, cache, start)
+            h = self._layer(i, h, cos, sin, mask, attention or self._sdpa, cache, start, lora_rows=lora_rows)
         return self.model.norm(h)
 
     def hidden(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, position_ids_BT: torch.Tensor,
@@ -146,16 +149,10 @@ class LeanLlama:
         B, T = input_ids_BT.shape
         h = self.model.embed_tokens(input_ids_BT)
         cos, sin = self.rotary(h, position_ids_BT)
-        causal_TT = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-        # A query always sees itself: a left-pad query, which sees no real key, stays finite.
-        keep = (causal_TT & attention_mask_BT.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=h.device)
-        keep = keep[:, None]  # (B, 1, T, T)
         if h.device.type == "cpu" and T <= EAGER_MAX_LEN:
-            attention = self._eager
-            mask = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill_(
-                ~keep, torch.finfo(h.dtype).min)  # HF's eager mask
+            attention, mask = self._eager, additive_mask(_keep_mask(attention_mask_BT), h.dtype)
         else:
-            attention, mask = self._sdpa, keep
+            attention, mask = self._sdpa, _keep_mask(attention_mask_BT)
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             args = (i, h, cos, sin, mask, attention, None, 0, keep_from if i == last else 0, lora_rows)
@@ -170,10 +167,12 @@ class LeanLlama:
     def _layer(self, i: int, h, cos, sin, mask, attention, cache: "KVCache | None", start: int,
                q_from: int = 0, lora_rows=None) -> torch.Tensor:
         """Decoder layer i on h (B, T, H): LlamaDecoderLayer's operations, in its order. With q_from > 0
-        only positions >= q_from are computed (all T positions' keys and values are): (B, T - q_from, H)."""
+        only positions >= q_from are computed (all T positions' keys and values are): (B, T - q_from, H).
+        `lora_rows`: see `hidden`; with a cache (decoding: a few rows a step) the LoRA products run
+        in the adapters' dtype."""
         layer = self.layers[i]
         proj = (lambda module, x: module(x)) if lora_rows is None else (
-            lambda module, x: _project(module, x, lora_rows))
+            lambda module, x: _project(module, x, lora_rows, in_adapter_dtype=cache is not None))
         attn = layer.self_attn
         B, T = h.shape[:2]
         x = layer.input_layernorm(h)
@@ -201,6 +200,33 @@ class LeanLlama:
         return h + proj(mlp.down_proj, mlp.act_fn(proj(mlp.gate_proj, x)) * proj(mlp.up_proj, x))
 
 
+def _in_fp32(attention):
+    """`attention` (HF's eager or sdpa function) run in fp32, q, k, v and an additive mask up-cast,
+    the output in q's dtype: for decoding a bf16/fp16 base on a CPU, where one query's products
+    over a half-precision cache run 2-3x slower than in fp32 (one batch's cache is small)."""
+    def run(module, q, k, v, mask, **kw):
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+        o, w = attention(module, q.float(), k.float(), v.float(), mask, **kw)
+        return o.to(q.dtype), w
+    return run
+
+
+def _keep_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal and not padding; a query always sees itself (a left-pad query,
+    which sees no real key, stays finite)."""
+    T = attention_mask_BT.shape[1]
+    dev = attention_mask_BT.device
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    keep = (causal_TT & attention_mask_BT.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+    return keep[:, None]
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """HF's eager mask: 0 where attended, the dtype's lowest value elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
 def _plain_lora(module: nn.Module) -> bool:
     """A peft LoRA Linear over a plain nn.Linear, unmerged, adapters not disabled, with no LoRA
     variant (DoRA...) and no active dropout: what `_project` computes itself."""
@@ -217,12 +243,14 @@ def _plain_lora(module: nn.Module) -> bool:
     return not (module.training and any(not isinstance(d, nn.Identity) for d in module.lora_dropout.values()))
 
 
-def _project(module: nn.Module, x: torch.Tensor, lora_rows) -> torch.Tensor:
+def _project(module: nn.Module, x: torch.Tensor, lora_rows, in_adapter_dtype: bool = False) -> torch.Tensor:
     """module(x), with a plain peft LoRA layer's adapters applied here, row range by row range.
 
     The adapter product runs in x's dtype: peft would copy the activations to the adapters' fp32
     and back at every LoRA layer of a bf16 base (in fp32 the operations and their order are peft's,
-    so the result is the same bit for bit). Anything else is called as a module.
+    so the result is the same bit for bit). `in_adapter_dtype`: in the adapters' dtype, as peft
+    does, which is faster for a few rows (a decode step: a bf16 product of 16 rows by rank 16 costs
+    more there than the copies). Anything else is called as a module.
     """
     if not _plain_lora(module):
         return module(x)
@@ -232,26 +260,30 @@ def _project(module: nn.Module, x: torch.Tensor, lora_rows) -> torch.Tensor:
         part = y if len(lora_rows) == 1 else y[lo:hi]
         if name is not None and name in module.lora_A:
             xs = x if len(lora_rows) == 1 else x[lo:hi]
-            a = module.lora_A[name].weight.to(x.dtype)
-            b = module.lora_B[name].weight.to(x.dtype)
-            part = part + F.linear(F.linear(xs, a), b) * module.scaling[name]
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            if in_adapter_dtype:
+                xs = xs.to(a.dtype)
+            else:
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            part = part + (F.linear(F.linear(xs, a), b) * module.scaling[name]).to(y.dtype)
         parts.append(part)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class KVCache:
     """Pre-allocated keys/values of every layer, (B, kv_heads, length, head_dim) each, allocated at
-    the first write in the dtype the layer produces."""
+    the first write in `dtype`, or in the dtype the layer produces."""
 
-    def __init__(self, length: int):
+    def __init__(self, length: int, dtype: torch.dtype | None = None):
         self.length = length
+        self.dtype = dtype
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def buffers(self, i: int, k: torch.Tensor):
         if i == len(self.layers):
             B, n_kv, _, hd = k.shape
-            self.layers.append(tuple(torch.empty(B, n_kv, self.length, hd, dtype=k.dtype, device=k.device)
-                                     for _ in range(2)))
+            self.layers.append(tuple(torch.empty(B, n_kv, self.length, hd, dtype=self.dtype or k.dtype,
+                                                 device=k.device) for _ in range(2)))
         return self.layers[i]
 
 
@@ -279,10 +311,14 @@ def _processors(prompt_len: int, min_new_tokens: int, eos: list[int] | None, do_
 @torch.no_grad()
 def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *, max_new_tokens: int,
            min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float, eos_token_id,
-           pad_token_id) -> torch.Tensor:
+           pad_token_id, lora_rows=None, logits_out: "list | None" = None) -> torch.Tensor:
     """Left-padded prompts + up to max_new_tokens sampled tokens (B, P + n), as HF `generate`.
 
-    Runs under whatever adapter routing the caller set up (the linear layers are called as modules).
+    Runs under whatever adapter routing the caller set up. `lora_rows` (see `LeanLlama.hidden`):
+    plain peft LoRA layers computed by `_project` and, on a CPU, eager attention in fp32 over an
+    fp32 cache: faster, and the logits agree with HF's to rounding. None: every linear layer as a module and sdpa attention,
+    HF's arithmetic exactly, so under the same seed the same tokens as `generate`.
+    `logits_out`: a list that gets each step's logits (B, V), fp32.
     """
     B, P = input_ids_BP.shape
     R = max_new_tokens
@@ -296,7 +332,8 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
     full_mask = torch.cat([attention_mask_BP, attention_mask_BP.new_ones(B, R)], 1)
     pos = full_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(full_mask == 0, 0)
-    cache = KVCache(P + R)
+    eager = lora_rows is not None and dev.type == "cpu"  # eager attention in fp32 (_in_fp32)
+    cache = KVCache(P + R, torch.float32 if eager else None)
     out = torch.full((B, P + R), pad, dtype=input_ids_BP.dtype, device=dev)
     out[:, :P] = input_ids_BP
     unfinished = torch.ones(B, dtype=torch.long, device=dev)
@@ -305,13 +342,25 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
 
     embeds = lean.model.embed_tokens(input_ids_BP)
     cos, sin = lean.rotary(embeds, pos)
-    mask = lean.prefill_mask(embeds, attention_mask_BP, pos[:, :P])
+    if eager and P <= EAGER_MAX_LEN:
+        attention, mask = _in_fp32(lean._eager), additive_mask(_keep_mask(attention_mask_BP), torch.float32)
+    else:  # sdpa (and so for any prefill whose scores would be large)
+        attention, mask = lean._sdpa, lean.prefill_mask(embeds, attention_mask_BP, pos[:, :P])
+        attention = _in_fp32(attention) if eager else attention
+    step_attention = _in_fp32(lean._eager) if eager else lean._sdpa
+    # each decode step's mask (B, 1, 1, keys): a slice of one built here
+    step_mask = None if not padded else (
+        additive_mask(full_mask[:, None, None, :].bool(), torch.float32) if eager
+        else full_mask[:, None, None, :].bool())
     start = 0
     for t in range(R):
         n = embeds.shape[1]
-        h = lean.forward(embeds, cos[:, start:start + n], sin[:, start:start + n], mask, cache, start)
+        h = lean.forward(embeds, cos[:, start:start + n], sin[:, start:start + n], mask, cache, start,
+                         attention=attention, lora_rows=lora_rows)
         start += n
         logits = lm_head(h[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
+        if logits_out is not None:
+            logits_out.append(logits.clone())
         scores = procs(out[:, :P + t], logits)
         if do_sample:
             probs = F.softmax(scores, dim=-1)
@@ -326,6 +375,6 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
             if unfinished.max() == 0:
                 return out[:, :P + t + 1]
         embeds = lean.model.embed_tokens(nxt[:, None])
-        mask = full_mask[:, None, None, :start + 1].bool() if padded else None
+        attention = step_attention
+        mask = None if step_mask is None else step_mask[..., :start + 1]
     return out
-

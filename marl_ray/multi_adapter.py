@@ -231,9 +231,13 @@ class MultiAdapterModel(nn.Module):
                              else "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none")
         self.fingerprint = base_fingerprint(base)
         self.hidden_size = base.config.hidden_size
-        # Sample with decoding.sample (same tokens as HF generate, less overhead per step) where
-        # the base allows it; False: always HF generate.
+        # Sample with decoding.sample (HF generate's sampling, less overhead per step) where the
+        # base allows it; False: always HF generate.
         self.lean_generate = True
+        # decoding.sample with HF's arithmetic (linear layers as modules, sdpa): the same tokens as
+        # HF generate under the same seed. False: LoRA layers computed by decoding._project, eager
+        # attention on a CPU; the logits equal to rounding, and faster.
+        self.exact_generate = False
         # Scoring and training passes through decoding.LeanLlama too (False: the HF decoder).
         self.lean_passes = True
         self._lean_model = None
@@ -638,7 +642,8 @@ class MultiAdapterModel(nn.Module):
         with self._adapters(names):
             if self.lean_generate and max_new_tokens > 0 and self._lean() is not None and \
                     decoding.generation_config_is_plain(gcfg):
-                return decoding.sample(self._lean(), input_ids_BT, attention_mask_BT, **kwargs)
+                rows = None if self.exact_generate else self._lora_rows(names)
+                return decoding.sample(self._lean(), input_ids_BT, attention_mask_BT, lora_rows=rows, **kwargs)
             return self.base.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kwargs)
 
     def _lean(self) -> "decoding.LeanLlama | None":

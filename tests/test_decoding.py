@@ -42,12 +42,16 @@ def _prompts(padded: bool):
 
 
 def _both(m, ids, mask, policies, **kw):
+    """HF generate's and the lean loop's tokens, with HF's arithmetic (exact_generate)."""
     outs = []
-    for lean in (False, True):
-        m.lean_generate = lean
-        torch.manual_seed(1234)
-        outs.append(m.generate(ids, mask, policies, **kw))
-    m.lean_generate = True
+    m.exact_generate = True
+    try:
+        for lean in (False, True):
+            m.lean_generate = lean
+            torch.manual_seed(1234)
+            outs.append(m.generate(ids, mask, policies, **kw))
+    finally:
+        m.lean_generate, m.exact_generate = True, False
     return outs
 
 
@@ -82,6 +86,41 @@ def test_lean_sampling_is_hf_generate_bf16(base_dir):
     for kw in (dict(do_sample=False), dict()):
         hf, lean = _both(m, ids, mask, ["a", "b", "a", "ref", "b", "a"], max_new_tokens=8, **kw)
         assert torch.equal(lean, hf)
+
+
+@pytest.mark.parametrize("prefill", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_sampling_logits_are_hfs(base_dir, model, dtype, padded, prefill, monkeypatch):
+    """The default decode (LoRA layers computed by decoding._project, eager attention in fp32 on a
+    CPU; sdpa for a prompt longer than EAGER_MAX_LEN): each step's logits are HF's forward's over
+    the sampled sequence so far, to rounding, for mixed policies and the reference, with and
+    without left padding."""
+    from marl_ray import decoding
+    from marl_ray.multi_adapter import positions
+
+    if prefill == "sdpa":
+        monkeypatch.setattr(decoding, "EAGER_MAX_LEN", 0)
+    m = model if dtype == "fp32" else _model(base_dir, "bf16")
+    ids, mask = _prompts(padded)
+    names = ["a", "b", "ref", "a", "ref", "b"]
+    steps = []
+    torch.manual_seed(7)
+    with m._adapters(names):
+        out = decoding.sample(m._lean(), ids, mask, lora_rows=m._lora_rows(names), logits_out=steps,
+                              max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (6, ids.shape[1] + 8) and len(steps) == 8
+    full = torch.cat([mask, torch.ones(6, 8, dtype=mask.dtype)], 1)
+    with torch.no_grad(), m._adapters(names):
+        hf = m.base(input_ids=out, attention_mask=full, position_ids=positions(full)).logits.float()
+    P = ids.shape[1]
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == "fp32" else dict(atol=0.15, rtol=0.05)
+    for t, logits in enumerate(steps):
+        torch.testing.assert_close(logits, hf[:, P - 1 + t], **tol)
+    # the default path of MultiAdapterModel.generate is this one
+    torch.manual_seed(7)
+    assert torch.equal(m.generate(ids, mask, names, max_new_tokens=8, min_new_tokens=8, pad_token_id=0), out)
 
 
 def test_min_new_tokens_and_eos(model):
