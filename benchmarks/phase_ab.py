@@ -4,10 +4,11 @@
 
 Separate processes on a shared machine drift by 10-20% from one minute to the next, more than
 most single changes gain. This runs both variants in the same process on the same rollouts:
-each round draws one rollout batch, then times the scoring pass (evaluate + advantages) and the
-training phase (4 epochs) under A and under B, in alternating order, restoring the policy's
-weights and optimizer state before each. `--attr` is an attribute of the host's
-MultiAdapterModel (e.g. `lean_passes`, `gradient_checkpointing`); --a/--b are its two values.
+each round times one rollout under A and one under B (generation: different prompts, the same
+work), then, on the last of them, the scoring pass (evaluate + advantages) and the training
+phase (4 epochs) under A and under B, in alternating order, restoring the policy's weights and
+optimizer state before each. `--attr` is an attribute of the host's MultiAdapterModel (e.g.
+`lean_passes`, `exact_generate`, `gradient_checkpointing`); --a/--b are its two values.
 Reports per-phase medians and the median of the per-round ratios B / A (< 1: B is faster).
 """
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
     work.mkdir(parents=True, exist_ok=True)
-    base, rm, prompts = ppo_step.build_workload(work, args.size, n_prompts=16 * (args.rounds + 2))
+    base, rm, prompts = ppo_step.build_workload(work, args.size, n_prompts=16 * (2 * args.rounds + 2))
     run_args = argparse.Namespace(size=args.size, quant="none", dtype=args.dtype, policies=1, runtime="inprocess",
                                   threads=args.threads)
     cfg = ppo_step.make_config(base, rm, prompts, run_args, work / "out")
@@ -64,11 +65,16 @@ def main(argv=None) -> int:
     learner = Learner(cfg, hosts, workers, worker_host)
     learner.run_step()  # warm-up
     policy = learner.policies[0]
-    times = {v: {"score": [], "train": []} for v in values}
+    times = {v: {"gen": [], "score": [], "train": []} for v in values}
     for r in range(args.rounds):
-        batch = learner.rollout()
+        order = ("A", "B") if r % 2 == 0 else ("B", "A")
+        for v in order:
+            setattr(model, args.attr, values[v])
+            t0 = time.perf_counter()
+            batch = learner.rollout()
+            times[v]["gen"].append(time.perf_counter() - t0)
         state = host.get_state(policy)
-        for v in ("A", "B") if r % 2 == 0 else ("B", "A"):
+        for v in order:
             setattr(model, args.attr, values[v])
             host.set_state(policy, state)
             t0 = time.perf_counter()
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
            "rounds": args.rounds, "threads": args.threads,
            "median_s": {v: {k: round(statistics.median(x), 4) for k, x in t.items()} for v, t in times.items()},
            "ratio_b_over_a": {k: round(statistics.median(b / a for a, b in zip(times["A"][k], times["B"][k])), 3)
-                              for k in ("score", "train")}}
+                              for k in ("gen", "score", "train")}}
     return ppo_step.emit(out, args.json)
 
 
