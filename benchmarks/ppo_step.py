@@ -99,6 +99,7 @@ def make_config(base, rm, prompts, args, out_dir):
                        "backend": getattr(args, "backend", "hf")},
         "ppo": {"steps": 1000, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "gamma": 1.0, "lam": 0.95,
                 "micro_batch_size": getattr(args, "micro_batch_size", None),
+                "rollout_logprobs": {"auto": None, "on": True, "off": False}[getattr(args, "rollout_logprobs", "auto")],
                 "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
         "cluster": {"runtime": args.runtime, "num_hosts": 1, "host_num_cpus": args.threads, "rollout_workers": 1},
         "data": {"prompts": str(prompts), "max_prompt_tokens": 16},
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
                     help="recompute decoder layers in training (auto: on for 4/8-bit bases)")
     ap.add_argument("--micro-batch-size", type=int, default=None,
                     help="ppo.micro_batch_size: rows per training pass (default: the whole minibatch)")
+    ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
+                    help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on for fp32)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
     result = {
         "impl": "marl-ray", "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": args.policies,
         "runtime": args.runtime, "backend": args.backend, "gradient_checkpointing": args.gradient_checkpointing,
-        "micro_batch_size": args.micro_batch_size, "torch_threads": args.threads, "params": info["base_params"],
+        "micro_batch_size": args.micro_batch_size, "rollout_logprobs": args.rollout_logprobs,
+        "torch_threads": args.threads, "params": info["base_params"],
         "step_s_median": med, "step_s_all": [s["time/step_s"] for s in timed],
         "gen_s_median": statistics.median([s["time/rollout_s"] for s in timed]),
         "score_s_median": statistics.median([s["time/score_s"] for s in timed]),

@@ -311,14 +311,16 @@ def _processors(prompt_len: int, min_new_tokens: int, eos: list[int] | None, do_
 @torch.no_grad()
 def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *, max_new_tokens: int,
            min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float, eos_token_id,
-           pad_token_id, lora_rows=None, logits_out: "list | None" = None) -> torch.Tensor:
+           pad_token_id, lora_rows=None, logits_out: "list | None" = None,
+           hidden_out: "list | None" = None) -> torch.Tensor:
     """Left-padded prompts + up to max_new_tokens sampled tokens (B, P + n), as HF `generate`.
 
     Runs under whatever adapter routing the caller set up. `lora_rows` (see `LeanLlama.hidden`):
     plain peft LoRA layers computed by `_project` and, on a CPU, eager attention in fp32 over an
     fp32 cache: faster, and the logits agree with HF's to rounding. None: every linear layer as a module and sdpa attention,
     HF's arithmetic exactly, so under the same seed the same tokens as `generate`.
-    `logits_out`: a list that gets each step's logits (B, V), fp32.
+    `logits_out`: a list that gets each step's logits (B, V), fp32; `hidden_out`: each step's
+    final hidden state (B, H) of the position that predicts the step's token.
     """
     B, P = input_ids_BP.shape
     R = max_new_tokens
@@ -361,6 +363,8 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
         logits = lm_head(h[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
         if logits_out is not None:
             logits_out.append(logits.clone())
+        if hidden_out is not None:
+            hidden_out.append(h[:, -1])
         scores = procs(out[:, :P + t], logits)
         if do_sample:
             probs = F.softmax(scores, dim=-1)

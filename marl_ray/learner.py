@@ -59,6 +59,9 @@ def _split(n: int, parts: int) -> list[range]:
     return out
 
 
+_SCORED = ("logprobs_BR", "values_BR", "entropy_BR")  # what a host's sample returns with gen["scored"]
+
+
 class Learner:
     def __init__(self, cfg, hosts, workers, worker_host, logger=None, gold_fn=None):
         self.cfg = cfg
@@ -85,6 +88,10 @@ class Learner:
         self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
                     "temperature": cfg.generation.temperature, "top_k": cfg.generation.top_k,
                     "top_p": cfg.generation.top_p, "stop_at_eos": cfg.generation.stop_at_eos}
+        scored = cfg.ppo.rollout_logprobs
+        if scored is None:
+            scored = cfg.model.dtype == "fp32" and cfg.model.quantization == "none"
+        self.gen["scored"] = bool(scored)  # hosts return the decode steps' logprobs and values
 
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:
@@ -106,21 +113,27 @@ class Learner:
             prompt_mask[i, P - len(p):] = 1
         resp = torch.cat([part["responses"] for part in parts])
         rmask = torch.cat([part["response_mask"] for part in parts])
+        extra = {}
+        if all(_SCORED[0] in part for part in parts):  # the decode steps' logprobs/values: no policy pass
+            extra["rollout"] = {k: torch.cat([part[k] for part in parts]) for k in _SCORED}
         return Batch(
             input_ids=torch.cat([prompt_ids, resp], 1), attention_mask=torch.cat([prompt_mask, rmask], 1),
             response_mask=rmask, response_start=P, policies=[p for part in parts for p in part["policies"]],
-            prompt_ids=[i for part in parts for i in part["prompt_ids"]])
+            prompt_ids=[i for part in parts for i in part["prompt_ids"]], extra=extra)
 
     def evaluate(self, batch: Batch) -> dict:
-        """Split the batch's rows over the hosts; each runs one mixed-adapter pass."""
+        """Split the batch's rows over the hosts; each runs one mixed-adapter pass (without the policy
+        rows when the rollout brought the decode steps' logprobs and values: ppo.rollout_logprobs)."""
         rewards = [self.spec[p].reward for p in batch.policies]
         refs = []
         shards = _split(len(batch.policies), len(self.hosts))
         for h, rows in zip(self.hosts, shards):
             sl = slice(rows.start, rows.stop)
-            refs.append(h.forward.remote({
-                "input_ids": batch.input_ids[sl], "attention_mask": batch.attention_mask[sl],
-                "policies": batch.policies[sl], "rewards": rewards[sl], "response_start": batch.response_start}))
+            shard = {"input_ids": batch.input_ids[sl], "attention_mask": batch.attention_mask[sl],
+                     "policies": batch.policies[sl], "rewards": rewards[sl], "response_start": batch.response_start}
+            if "rollout" in batch.extra:
+                shard["rollout"] = {k: v[sl] for k, v in batch.extra["rollout"].items()}
+            refs.append(h.forward.remote(shard))
         outs = get(refs)
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 

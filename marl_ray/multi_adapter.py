@@ -217,6 +217,15 @@ class Evaluation:
     entropy_BR: torch.Tensor
 
 
+@dataclass
+class RolloutScores:
+    """The policy's logprobs, values and entropies of sampled tokens, from the decode steps (B, N)."""
+
+    logprobs_BR: torch.Tensor
+    values_BR: torch.Tensor
+    entropy_BR: torch.Tensor
+
+
 class MultiAdapterModel(nn.Module):
     """A frozen base with named policy, reward and reference adapters (see module docstring)."""
 
@@ -585,11 +594,13 @@ class MultiAdapterModel(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, input_ids_BT, attention_mask_BT, policies: Sequence[str], rewards: Sequence[str],
-                 response_start: int) -> Evaluation:
+                 response_start: int, rollout: RolloutScores | None = None) -> Evaluation:
         """Policy logprobs + values, reference logprobs and reward scores in ONE pass over the base.
 
         Row b is scored under policy policies[b] and reward adapter rewards[b]; the batch is
         stacked three times (policy rows, reference rows, reward rows) as a mixed-adapter batch.
+        `rollout`: the policy's logprobs, values and entropies from the decode steps
+        (`generate_scored`); the pass then has no policy rows.
         """
         from marl_ray.ppo import entropy_from_logits, logprobs_from_logits
 
@@ -598,28 +609,39 @@ class MultiAdapterModel(nn.Module):
             self._require(p, "policy")
         for r in set(rewards):
             self._require(r, "reward")
-        ids = input_ids_BT.repeat(3, 1)
-        mask = attention_mask_BT.repeat(3, 1)
+        R = input_ids_BT.shape[1] - response_start
+        if rollout is not None and rollout.logprobs_BR.shape != (B, R):
+            raise ValueError(f"rollout scores of shape {tuple(rollout.logprobs_BR.shape)} for {B} rows of {R} "
+                             "response tokens")
+        stacks = 2 if rollout is not None else 3
+        ids = input_ids_BT.repeat(stacks, 1)
+        mask = attention_mask_BT.repeat(stacks, 1)
         # Only positions from response_start - 1 on are read: the response's logprobs and values,
         # and the reward at each row's last real token (a response has at least one token).
         s = response_start - 1
-        h = self.hidden(ids, mask, list(policies) + [REF] * B + list(rewards), keep_from=s)
-        h_pol, h_ref, h_rw = h[:B, :-1], h[B:2 * B, :-1], h[2 * B:]
+        names = ([] if rollout is not None else list(policies)) + [REF] * B + list(rewards)
+        h = self.hidden(ids, mask, names, keep_from=s)
+        h_ref, h_rw = h[-2 * B:-B, :-1], h[-B:]
         tokens_BR = input_ids_BT[:, response_start:]
-        logits_pol = self.lm_logits(h_pol)
-        logprobs = logprobs_from_logits(logits_pol, tokens_BR)
         ref_logprobs = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR)
-        values = torch.empty_like(logprobs)
         scores = torch.empty(B, dtype=torch.float32, device=h.device)
         last = last_token_index(attention_mask_BT) - s
         if bool((last < 0).any()):
             raise ValueError("a row has no real token at or after response_start - 1: nothing to score")
-        for p in set(policies):
-            rows = [i for i, q in enumerate(policies) if q == p]
-            values[rows] = self.values(p, h_pol[rows])
         for r in set(rewards):
             rows = [i for i, q in enumerate(rewards) if q == r]
             scores[rows] = self.token_scores(r, h_rw[rows, last[rows]])[:, 0]
+        if rollout is not None:
+            dev = h.device
+            return Evaluation(rollout.logprobs_BR.to(dev), ref_logprobs, rollout.values_BR.to(dev), scores,
+                              rollout.entropy_BR.to(dev))
+        h_pol = h[:B, :-1]
+        logits_pol = self.lm_logits(h_pol)
+        logprobs = logprobs_from_logits(logits_pol, tokens_BR)
+        values = torch.empty_like(logprobs)
+        for p in set(policies):
+            rows = [i for i, q in enumerate(policies) if q == p]
+            values[rows] = self.values(p, h_pol[rows])
         return Evaluation(logprobs, ref_logprobs, values, scores, entropy_from_logits(logits_pol))
 
     @torch.no_grad()
@@ -627,6 +649,21 @@ class MultiAdapterModel(nn.Module):
                  min_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  do_sample: bool = True, eos_token_id=None, pad_token_id=None) -> torch.Tensor:
         """Sample continuations of left-padded prompts, row b under policies[b]. (B, T + new)"""
+        return self._sample(input_ids_BT, attention_mask_BT, policies, False, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id)[0]
+
+    @torch.no_grad()
+    def generate_scored(self, input_ids_BT, attention_mask_BT, policies: str | Sequence[str], **kwargs):
+        """`generate`, plus the policy logprobs, values and entropies of the sampled tokens read off
+        the decode steps (the logits and final hidden states they compute anyway): (tokens,
+        RolloutScores), or (tokens, None) where the decode went through HF `generate` or a row is
+        not under a policy. They equal `evaluate`'s to rounding (fp32: about 1e-7 per token)."""
+        return self._sample(input_ids_BT, attention_mask_BT, policies, True, **kwargs)
+
+    def _sample(self, input_ids_BT, attention_mask_BT, policies, scored: bool, *, max_new_tokens: int,
+                min_new_tokens: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                do_sample: bool = True, eos_token_id=None, pad_token_id=None):
         names = [policies] * input_ids_BT.shape[0] if isinstance(policies, str) else list(policies)
         gcfg = self.base.generation_config
         kwargs = dict(
@@ -639,12 +676,31 @@ class MultiAdapterModel(nn.Module):
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        scored = scored and all(self.roles.get(n) == "policy" for n in names)
         with self._adapters(names):
             if self.lean_generate and max_new_tokens > 0 and self._lean() is not None and \
                     decoding.generation_config_is_plain(gcfg):
                 rows = None if self.exact_generate else self._lora_rows(names)
-                return decoding.sample(self._lean(), input_ids_BT, attention_mask_BT, lora_rows=rows, **kwargs)
-            return self.base.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kwargs)
+                logits, hidden = ([], []) if scored else (None, None)
+                out = decoding.sample(self._lean(), input_ids_BT, attention_mask_BT, lora_rows=rows,
+                                      logits_out=logits, hidden_out=hidden, **kwargs)
+                if not scored:
+                    return out, None
+                return out, self._rollout_scores(names, out[:, input_ids_BT.shape[1]:], logits, hidden)
+            out = self.base.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kwargs)
+            return out, None
+
+    def _rollout_scores(self, names: list[str], tokens_BN, logits: list, hidden: list) -> "RolloutScores":
+        from marl_ray.ppo import entropy_from_logits, logprobs_from_logits
+
+        logits_BNV = torch.stack(logits, 1)
+        hidden_BNH = torch.stack(hidden, 1)
+        logprobs = logprobs_from_logits(logits_BNV, tokens_BN)
+        values = torch.empty_like(logprobs)
+        for p in set(names):
+            rows = [i for i, q in enumerate(names) if q == p]
+            values[rows] = self.values(p, hidden_BNH[rows])
+        return RolloutScores(logprobs, values, entropy_from_logits(logits_BNV))
 
     def _lean(self) -> "decoding.LeanLlama | None":
         """Our own loop over the base's layers where the base is a plain HF Llama (see decoding.py)."""

@@ -123,6 +123,41 @@ def test_fast_sampling_logits_are_hfs(base_dir, model, dtype, padded, prefill, m
     assert torch.equal(m.generate(ids, mask, names, max_new_tokens=8, min_new_tokens=8, pad_token_id=0), out)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_scored_is_evaluate(model, reward_dir, padded):
+    """generate_scored's logprobs, values and entropies (read off the decode steps) are evaluate's
+    policy pass's to rounding; the tokens are generate's under the same seed; none with a
+    reference row or through HF generate."""
+    from marl_ray.multi_adapter import Evaluation
+
+    if "rw" not in model.rewards:
+        model.add_reward("rw", reward_dir)
+    ids, mask = _prompts(padded)
+    names = ["a", "b", "a", "b", "b", "a"]
+    torch.manual_seed(3)
+    out, scored = model.generate_scored(ids, mask, names, max_new_tokens=7)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, mask, names, max_new_tokens=7), out)
+    full = torch.cat([mask, torch.ones(6, 7, dtype=mask.dtype)], 1)
+    ev = model.evaluate(out, full, names, ["rw"] * 6, ids.shape[1])
+    with_rollout = model.evaluate(out, full, names, ["rw"] * 6, ids.shape[1], rollout=scored)
+    assert isinstance(with_rollout, Evaluation)
+    for k in ("logprobs_BR", "values_BR", "entropy_BR"):
+        assert getattr(scored, k).shape == (6, 7)
+        torch.testing.assert_close(getattr(scored, k), getattr(ev, k), atol=1e-5, rtol=1e-5)
+        assert torch.equal(getattr(with_rollout, k), getattr(scored, k))  # taken as they are
+    for k in ("ref_logprobs_BR", "scores_B"):  # the pass without policy rows scores the same
+        torch.testing.assert_close(getattr(with_rollout, k), getattr(ev, k), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="rollout scores of shape"):
+        model.evaluate(out[:, :-1], full[:, :-1], names, ["rw"] * 6, ids.shape[1], rollout=scored)
+    assert model.generate_scored(ids, mask, ["a", "ref", "a", "b", "b", "a"], max_new_tokens=3)[1] is None
+    model.lean_generate = False
+    try:
+        assert model.generate_scored(ids, mask, names, max_new_tokens=3)[1] is None
+    finally:
+        model.lean_generate = True
+
+
 def test_min_new_tokens_and_eos(model):
     """EOS is never drawn before min_new_tokens; after it, a row that drew EOS gets only padding."""
     ids, mask = _prompts(False)

@@ -345,6 +345,33 @@ def test_sharded_gradient_step_equals_single_host_step(run):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(split["optimizer"]["state"][i][name])), (i, name)
 
 
+def test_rollout_logprobs_stand_in_for_the_policy_pass(run):
+    """ppo.rollout_logprobs (null: on for this fp32 base): the batch carries the decode steps' policy
+    logprobs, values and entropies (both hosts' rollouts); evaluate takes them as they are, with no
+    policy rows in its pass, and they are what the policy pass gives, to rounding. Off: not there."""
+    import dataclasses
+
+    learner = run["learner"]
+    assert run["cfg"].ppo.rollout_logprobs is None and learner.gen["scored"]
+    batch = learner.rollout()
+    rollout = batch.extra["rollout"]
+    assert set(rollout) == {"logprobs_BR", "values_BR", "entropy_BR"}
+    assert all(v.shape == batch.response_mask.shape for v in rollout.values())
+    ev = learner.evaluate(batch)
+    full = learner.evaluate(dataclasses.replace(batch, extra={}))
+    real = batch.response_mask.bool()
+    for k, v in rollout.items():
+        assert torch.equal(ev[k], v), k
+        torch.testing.assert_close(v[real], full[k][real], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    for k in ("ref_logprobs_BR", "scores_B"):
+        torch.testing.assert_close(ev[k], full[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    learner.gen["scored"] = False
+    try:
+        assert "rollout" not in learner.rollout().extra
+    finally:
+        learner.gen["scored"] = True
+
+
 def _tensor_bytes_here() -> int:
     gc.collect()
     with warnings.catch_warnings():

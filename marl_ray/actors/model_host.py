@@ -158,6 +158,8 @@ class ModelHost:
         Responses have exactly R = max_new_tokens positions; positions after the first EOS
         (possible only with stop_at_eos and min_new_tokens < R) are padding (mask 0). Both
         backends (HF generate on the training model, or the vLLM engine) read `gen` the same way.
+        With gen["scored"], also the policy's "logprobs_BR", "values_BR" and "entropy_BR" (N, R)
+        of the sampled tokens, where the decode loop gives them (`generate_scored`).
         """
         pad = self.gen_cfg.pad_token_id if self.gen_cfg.pad_token_id is not None else 0
         eos = self.gen_cfg.eos_token_id
@@ -167,6 +169,7 @@ class ModelHost:
         min_new = R if gen.get("min_new_tokens") is None or not stop_at_eos else gen["min_new_tokens"]
         settings = dict(max_new_tokens=R, min_new_tokens=min_new, temperature=gen.get("temperature", 1.0),
                         top_k=gen.get("top_k", 0), top_p=gen.get("top_p", 1.0), do_sample=gen.get("do_sample", True))
+        extra = {}
         if self.engine is not None:
             self._sync_engine(set(policies))
             rows = self.engine.generate(prompts, list(policies), eos_token_id=eos, seed=seed, **settings)
@@ -177,12 +180,16 @@ class ModelHost:
         else:
             ids, mask = _pad_left(prompts, pad)
             torch.manual_seed(seed)
-            out = self.model.generate(
-                ids.to(self.model.device), mask.to(self.model.device), policies, pad_token_id=pad,
-                **settings).cpu()
-            resp = out[:, ids.shape[1]:]
-            if resp.shape[1] < R:  # every row stopped early: pad to R
-                resp = torch.cat([resp, torch.full((resp.shape[0], R - resp.shape[1]), pad, dtype=resp.dtype)], 1)
+            run = self.model.generate_scored if gen.get("scored") else (
+                lambda *a, **k: (self.model.generate(*a, **k), None))
+            out, scored = run(ids.to(self.model.device), mask.to(self.model.device), policies, pad_token_id=pad,
+                              **settings)
+            resp = out[:, ids.shape[1]:].cpu()
+            n = resp.shape[1]
+            if n < R:  # every row stopped early: pad to R
+                resp = torch.cat([resp, torch.full((resp.shape[0], R - n), pad, dtype=resp.dtype)], 1)
+            if scored is not None:  # the PPO old logprobs/values (see Learner.rollout)
+                extra = {k: torch.nn.functional.pad(v.float().cpu(), (0, R - n)) for k, v in vars(scored).items()}
         rmask = torch.ones_like(resp)
         if stop_at_eos:  # EOS ends a response (it can only occur when min_new_tokens < R)
             eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
@@ -190,7 +197,7 @@ class ModelHost:
             after = (is_eos.cumsum(1) - is_eos) > 0  # positions after the first EOS
             rmask[after] = 0
             resp[after] = pad
-        return {"responses": resp, "response_mask": rmask}
+        return {"responses": resp, "response_mask": rmask, **extra}
 
     # ------------------------------------------------------------ evaluate
     @torch.no_grad()
@@ -198,11 +205,15 @@ class ModelHost:
         """Policy logprobs + values, reference logprobs, reward scores of a batch, one pass.
 
         These logprobs (not a generation engine's) are the PPO `old_logprobs`: the same code
-        computes the new ones during training, so the ratio is exactly 1 before any update.
+        computes the new ones during training, so the ratio is exactly 1 before any update. With
+        batch["rollout"] (ppo.rollout_logprobs) the policy's come from the decode steps instead.
         """
+        from marl_ray.multi_adapter import RolloutScores
+
         dev = self.model.device
+        rollout = RolloutScores(**batch["rollout"]) if batch.get("rollout") else None
         ev = self.model.evaluate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["policies"],
-                                 batch["rewards"], batch["response_start"])
+                                 batch["rewards"], batch["response_start"], rollout=rollout)
         return {k: v.cpu() for k, v in vars(ev).items()}
 
     # ------------------------------------------------------------ train
