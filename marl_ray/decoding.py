@@ -317,8 +317,9 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
 
     Runs under whatever adapter routing the caller set up. `lora_rows` (see `LeanLlama.hidden`):
     plain peft LoRA layers computed by `_project` and, on a CPU, eager attention in fp32 over an
-    fp32 cache: faster, and the logits agree with HF's to rounding. None: every linear layer as a module and sdpa attention,
-    HF's arithmetic exactly, so under the same seed the same tokens as `generate`.
+    fp32 cache: faster, and the logits agree with HF's to rounding. None: every linear layer as a
+    module and sdpa attention, HF's arithmetic exactly, so under the same seed the same tokens as
+    `generate`.
     `logits_out`: a list that gets each step's logits (B, V), fp32; `hidden_out`: each step's
     final hidden state (B, H) of the position that predicts the step's token.
     """

@@ -105,7 +105,7 @@ class RolloutWorker:
         Chunks of prompts go to the host back to back (each `sample` call is queued while the
         previous one runs), and come back in order. Returns {"prompt_ids", "prompts",
         "policies", "responses" (N, R), "response_mask" (N, R)} with N = n * len(policies), and
-        the decode steps' "logprobs_BR", "values_BR", "entropy_BR" where every chunk has them.
+        whatever else every `sample` call returned (the decode steps' "logprobs_BR"...).
         """
         import torch
 
@@ -119,14 +119,11 @@ class RolloutWorker:
             part = rows[c:c + size]
             refs.append(host.sample.remote([r[1] for r in part], [r[2] for r in part], gen, seed + c))
         results = get(refs)
-        scored = ("logprobs_BR", "values_BR", "entropy_BR")
+        # responses, response_mask, and what else every chunk has (the decode steps' logprobs...)
+        keys = set.intersection(*(set(x) for x in results))
         return {
             "prompt_ids": [r[0] for r in rows], "prompts": [r[1] for r in rows], "policies": [r[2] for r in rows],
-            "responses": torch.cat([x["responses"] for x in results]),
-            "response_mask": torch.cat([x["response_mask"] for x in results]),
-            "worker": self.worker_index,
-            **({k: torch.cat([x[k] for x in results]) for k in scored} if all(k in x for x in results for k in scored)
-               else {}),
+            **{k: torch.cat([x[k] for x in results]) for k in sorted(keys)}, "worker": self.worker_index,
         }
 
     def encode(self, texts: list[str]) -> list[list[int]]:
