@@ -602,7 +602,7 @@ class MultiAdapterModel(nn.Module):
         `rollout`: the policy's logprobs, values and entropies from the decode steps
         (`generate_scored`); the pass then has no policy rows.
         """
-        from marl_ray.ppo import entropy_from_logits, logprobs_from_logits
+        from marl_ray.ppo import logprobs_from_logits
 
         B = input_ids_BT.shape[0]
         for p in set(policies):
@@ -636,13 +636,8 @@ class MultiAdapterModel(nn.Module):
             return Evaluation(rollout.logprobs_BR.to(dev), ref_logprobs, rollout.values_BR.to(dev), scores,
                               rollout.entropy_BR.to(dev))
         h_pol = h[:B, :-1]
-        logits_pol = self.lm_logits(h_pol)
-        logprobs = logprobs_from_logits(logits_pol, tokens_BR)
-        values = torch.empty_like(logprobs)
-        for p in set(policies):
-            rows = [i for i, q in enumerate(policies) if q == p]
-            values[rows] = self.values(p, h_pol[rows])
-        return Evaluation(logprobs, ref_logprobs, values, scores, entropy_from_logits(logits_pol))
+        pol = self._policy_scores(list(policies), tokens_BR, self.lm_logits(h_pol), h_pol)
+        return Evaluation(pol.logprobs_BR, ref_logprobs, pol.values_BR, scores, pol.entropy_BR)
 
     @torch.no_grad()
     def generate(self, input_ids_BT, attention_mask_BT, policies: str | Sequence[str], *, max_new_tokens: int,
@@ -686,15 +681,16 @@ class MultiAdapterModel(nn.Module):
                                       logits_out=logits, hidden_out=hidden, **kwargs)
                 if not scored:
                     return out, None
-                return out, self._rollout_scores(names, out[:, input_ids_BT.shape[1]:], logits, hidden)
+                return out, self._policy_scores(names, out[:, input_ids_BT.shape[1]:], torch.stack(logits, 1),
+                                                torch.stack(hidden, 1))
             out = self.base.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT, **kwargs)
             return out, None
 
-    def _rollout_scores(self, names: list[str], tokens_BN, logits: list, hidden: list) -> "RolloutScores":
+    def _policy_scores(self, names: list[str], tokens_BN, logits_BNV, hidden_BNH) -> RolloutScores:
+        """Row b's logprobs of tokens_BN, values under policy names[b]'s value head, and entropies,
+        from the logits and final hidden states of the positions that predict those tokens."""
         from marl_ray.ppo import entropy_from_logits, logprobs_from_logits
 
-        logits_BNV = torch.stack(logits, 1)
-        hidden_BNH = torch.stack(hidden, 1)
         logprobs = logprobs_from_logits(logits_BNV, tokens_BN)
         values = torch.empty_like(logprobs)
         for p in set(names):
