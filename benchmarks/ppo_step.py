@@ -18,7 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from turns import Turns  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -127,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
     ap.add_argument("--workdir", default=None, help="where the built model/adapters are cached")
     ap.add_argument("--json", default=None, help="also write the JSON here")
+    ap.add_argument("--turns", default=None, metavar="DIR:K:N",
+                    help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
     args = ap.parse_args(argv)
     iters = args.iters or (2 if args.size == "large" else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)
@@ -157,9 +164,18 @@ def main(argv=None) -> int:
     info = get(hosts[0].info.remote())
     learner = Learner(cfg, hosts, workers, worker_host)
     steps = []
-    for i in range(warmup + iters):
-        m = learner.run_step()[learner.policies[0]]
-        steps.append({k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s", "time/train_s")})
+    turns = Turns(args.turns)
+    turns.ready()
+    try:
+        for i in range(warmup + iters):
+            turns.wait()
+            start = time.time()
+            m = learner.run_step()[learner.policies[0]]
+            turns.passed()
+            steps.append({k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s", "time/train_s")})
+            steps[-1]["start"] = start
+    finally:
+        turns.finish()
     timed = steps[warmup:]
     info = get(hosts[0].info.remote())
     if args.runtime == "ray":
@@ -179,6 +195,7 @@ def main(argv=None) -> int:
         "micro_batch_size": args.micro_batch_size, "rollout_logprobs": args.rollout_logprobs,
         "torch_threads": args.threads, "params": info["base_params"],
         "step_s_median": med, "step_s_all": [s["time/step_s"] for s in timed],
+        "step_start_unix": [s["start"] for s in timed],
         "gen_s_median": statistics.median([s["time/rollout_s"] for s in timed]),
         "score_s_median": statistics.median([s["time/score_s"] for s in timed]),
         "train_s_median": statistics.median([s["time/train_s"] for s in timed]),

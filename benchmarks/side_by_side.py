@@ -7,6 +7,9 @@ Runs in the project venv and launches every measurement as its own process:
 (.venv-trl comes from benchmarks/setup_trl_venv.sh). For each configuration (size, dtype, quant,
 policies) the implementations alternate, A B C A B C ..., for --repeats rounds, all with the same
 torch thread count, so a slow spell of a shared machine falls on all of them alike.
+--lockstep goes further (policies 1): a round's processes start together and take turns
+iteration by iteration (benchmarks/turns.py), so each marl-ray iteration runs right next to each
+peer's; the summary then also pairs them iteration by iteration.
 
 Ratios are marl-ray / peer per round, then the median and the min-max over the rounds:
   samples/s ratio    = marl samples_per_s / peer samples_per_s       (> 1: marl-ray is faster)
@@ -61,7 +64,7 @@ def prepare_workload(work: Path, sizes, n_prompts: int):
         ppo_step.build_workload(work, size, n_prompts=n_prompts)
 
 
-def run_one(cmd, env, log: Path, out_json: Path, timeout):
+def run_one(cmd, log: Path, out_json: Path, env, timeout):
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
@@ -70,7 +73,35 @@ def run_one(cmd, env, log: Path, out_json: Path, timeout):
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    wall = time.perf_counter() - t0
+    return _result(rc, log, out_json, time.perf_counter() - t0)
+
+
+def run_lockstep(jobs, env, turns_dir: Path, timeout):
+    """Run the (cmd, log, json) jobs at once, taking turns iteration by iteration (benchmarks/turns.py):
+    their model loads overlap, their iterations do not."""
+    t0 = time.perf_counter()
+    procs, files = [], []
+    for k, (cmd, log, _) in enumerate(jobs):
+        f = open(log, "w")  # noqa: SIM115  (closed below, after the process ends)
+        cmd = [*cmd, "--turns", f"{turns_dir}:{k}:{len(jobs)}"]
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        files.append(f)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+    out = []
+    for p, f, (_, log, js) in zip(procs, files, jobs):
+        try:
+            rc = p.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = "timeout"
+        f.close()
+        out.append(_result(rc, log, js, time.perf_counter() - t0))
+    return out
+
+
+def _result(rc, log: Path, out_json: Path, wall: float) -> dict:
     if rc == 0 and out_json.exists():
         res = json.loads(out_json.read_text())
         res["wall_s"] = wall
@@ -109,16 +140,19 @@ def summarize(cfg_result):
     out = {}
     for peer in cfg_result["peers"]:
         pr = runs[peer]
-        sps, mem, peak = [], [], []
+        sps, mem, peak, per_iter = [], [], [], []
         for a, b in zip(marl, pr):
             if "error" in a or "error" in b:
                 continue
             sps.append(a["samples_per_s"] / b["samples_per_s"])
+            if cfg_result.get("lockstep"):  # iteration i of both ran back to back
+                per_iter += [tb / ta for ta, tb in zip(a["step_s_all"], b["step_s_all"])]
             mem.append(a["model_rss_mib"] / b["model_rss_mib"] if b["model_rss_mib"] > 0 else None)
             peak.append(a["peak_rss_mib"] / b["peak_rss_mib"])
         out[peer] = {
             "pairs": len(sps),
             "samples_per_s_ratio": _spread(sps),
+            "samples_per_s_ratio_by_iteration": _spread(per_iter),
             "model_rss_ratio": _spread(mem),
             "peak_rss_ratio": _spread(peak),
             "marl_samples_per_s": _spread([r["samples_per_s"] for r in marl if "error" not in r]),
@@ -160,6 +194,8 @@ def markdown(results) -> str:
                 notes.append(f"peer ran with {len(p['shims'])} CPU-bitsandbytes shims (README; list in the JSON)")
             if p["errors"]:
                 notes.append("peer errors: " + "; ".join(p["errors"]))
+            if p.get("samples_per_s_ratio_by_iteration"):
+                notes.append("lockstep; ratio by iteration pair: " + _fmt(p["samples_per_s_ratio_by_iteration"]))
             if s["marl_errors"]:
                 notes.append("marl-ray errors: " + "; ".join(s["marl_errors"]))
             lines.append(
@@ -193,6 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--marl-python", default=sys.executable)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--lockstep", action="store_true",
+                    help="run a round's processes at once, taking turns iteration by iteration (see "
+                         "benchmarks/turns.py): each marl-ray iteration lies next to a peer's, not half a minute "
+                         "away; memory is per process as before (policies 1 only)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = ap.parse_args(argv)
 
@@ -204,6 +244,8 @@ def main(argv=None) -> int:
     for p in peers:
         if p not in PEERS:
             ap.error(f"unknown peer {p!r}")
+    if args.lockstep and policies != [1]:
+        ap.error("--lockstep needs --policies 1 (N TRL policies are N jobs run one after another)")
     if peers and not Path(args.trl_python).exists():
         ap.error(f"{args.trl_python} missing: run `bash benchmarks/setup_trl_venv.sh` first")
 
@@ -249,26 +291,40 @@ def main(argv=None) -> int:
         cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
         tag = f"{size}-{dtype}-{quant}-p{npol}"
         entry = {"size": size, "dtype": dtype, "quant": quant, "policies": npol, "peers": peers,
+                 "lockstep": args.lockstep,
                  "runs": {"marl-ray": [], **{p: [] for p in peers}}}
         results["configs"].append(entry)
         for r in range(args.repeats):
             n += 1
             j = tmp / f"{tag}-r{r}-marl.json"
-            cmd = [args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol),
-                   "--runtime", args.runtime, "--json", str(j), *shlex.split(args.marl_args)]
+            marl = ([args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol),
+                     "--runtime", args.runtime, "--json", str(j), *shlex.split(args.marl_args)],
+                    logs / f"{tag}-r{r}-marl-ray.log", j)
+            peer_jobs = {peer: [([args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg, "--seed", str(k),
+                                  "--json", str(tmp / f"{tag}-r{r}-{peer}-{k}.json")],
+                                 logs / f"{tag}-r{r}-{peer}-{k}.log", tmp / f"{tag}-r{r}-{peer}-{k}.json")
+                                for k in range(npol)] for peer in peers}
+            if args.lockstep:
+                names = ["marl-ray", *peers]
+                print(f"[{tag} round {r + 1}/{args.repeats}] {', '.join(names)} in lockstep ...", file=sys.stderr,
+                      flush=True)
+                got = run_lockstep([marl] + [peer_jobs[p][0] for p in peers], env, tmp / f"{tag}-r{r}-turns",
+                                   args.timeout)
+                for name, res in zip(names, got):
+                    entry["runs"][name].append(res)
+                    print(f"    {name}: {_brief(res)}", file=sys.stderr, flush=True)
+                save()
+                continue
             print(f"[{tag} round {r + 1}/{args.repeats}] marl-ray ...", file=sys.stderr, flush=True)
-            res = run_one(cmd, env, logs / f"{tag}-r{r}-marl-ray.log", j, args.timeout)
+            res = run_one(*marl, env, args.timeout)
             entry["runs"]["marl-ray"].append(res)
             print(f"    {_brief(res)}", file=sys.stderr, flush=True)
             for peer in peers:
                 jobs = []
-                for k in range(npol):
-                    j = tmp / f"{tag}-r{r}-{peer}-{k}.json"
-                    cmd = [args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg, "--seed", str(k),
-                           "--json", str(j)]
+                for k, job in enumerate(peer_jobs[peer]):
                     print(f"[{tag} round {r + 1}/{args.repeats}] {peer}"
                           + (f" job {k + 1}/{npol}" if npol > 1 else "") + " ...", file=sys.stderr, flush=True)
-                    jobs.append(run_one(cmd, env, logs / f"{tag}-r{r}-{peer}-{k}.log", j, args.timeout))
+                    jobs.append(run_one(*job, env, args.timeout))
                     print(f"    {_brief(jobs[-1])}", file=sys.stderr, flush=True)
                 entry["runs"][peer].append(jobs[0] if npol == 1 else aggregate_jobs(jobs, npol))
             save()

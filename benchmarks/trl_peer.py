@@ -30,6 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from turns import Turns  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the workload is local; never ask a hub
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -254,6 +258,31 @@ def count_params(model) -> int:
     return n
 
 
+def iteration(trainer, scorer, prompts, gen_kwargs, gen_batch_size) -> dict:
+    """One timed PPO iteration on 16 prompts: TRL's generate, the reward scores, PPOTrainer.step."""
+    import torch
+
+    queries = [torch.tensor(p, dtype=torch.long) for p in prompts]
+    start = time.time()
+    t0 = time.perf_counter()
+    responses = trainer.generate(queries, return_prompt=False, batch_size=gen_batch_size, **gen_kwargs)
+    t1 = time.perf_counter()
+    if any(len(r) != 32 for r in responses):
+        raise RuntimeError(f"response lengths {[len(r) for r in responses]}, expected 32 each")
+    full = torch.stack([torch.cat([q, r]) for q, r in zip(queries, responses)])
+    rewards = list(scorer(full, torch.ones_like(full)).unbind(0))
+    t2 = time.perf_counter()
+    stats = trainer.step(queries, list(responses), rewards)
+    t3 = time.perf_counter()
+    fwd = sum(float(stats.get(k, 0.0)) for k in
+              ("time/ppo/forward_pass", "time/ppo/compute_rewards", "time/ppo/compute_advantages"))
+    return {"start": start, "step": t3 - t0, "gen": t1 - t0, "score": (t2 - t1) + fwd, "train": (t3 - t2) - fwd,
+            "reward": t2 - t1, "trl_step": t3 - t2,
+            "trl": {k: float(v) for k, v in stats.items() if k.startswith("time/ppo/")},
+            "kl": float(stats.get("objective/kl", float("nan"))),
+            "score_mean": float(torch.stack(rewards).mean())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", choices=IMPLS, default="trl-multi-adapter")
@@ -274,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where ppo_step.py cached the workload")
     ap.add_argument("--json", default=None, help="also write the JSON here")
+    ap.add_argument("--turns", default=None, metavar="DIR:K:N",
+                    help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
     args = ap.parse_args(argv)
     args.shims_applied = []
     if args.policies != 1:
@@ -327,25 +358,15 @@ def main(argv=None) -> int:
     gen_kwargs = {"min_new_tokens": 32, "max_new_tokens": 32, "do_sample": True, "top_k": 0, "top_p": 1.0,
                   "temperature": 1.0, "pad_token_id": tok.pad_token_id}
     steps = []
-    for i in range(warmup + iters):
-        queries = [torch.tensor(p, dtype=torch.long) for p in prompts[16 * i:16 * (i + 1)]]
-        t0 = time.perf_counter()
-        responses = trainer.generate(queries, return_prompt=False, batch_size=args.gen_batch_size, **gen_kwargs)
-        t1 = time.perf_counter()
-        if any(len(r) != 32 for r in responses):
-            raise RuntimeError(f"response lengths {[len(r) for r in responses]}, expected 32 each")
-        full = torch.stack([torch.cat([q, r]) for q, r in zip(queries, responses)])
-        rewards = list(scorer(full, torch.ones_like(full)).unbind(0))
-        t2 = time.perf_counter()
-        stats = trainer.step(queries, list(responses), rewards)
-        t3 = time.perf_counter()
-        fwd = sum(float(stats.get(k, 0.0)) for k in
-                  ("time/ppo/forward_pass", "time/ppo/compute_rewards", "time/ppo/compute_advantages"))
-        steps.append({"step": t3 - t0, "gen": t1 - t0, "score": (t2 - t1) + fwd, "train": (t3 - t2) - fwd,
-                      "reward": t2 - t1, "trl_step": t3 - t2,
-                      "trl": {k: float(v) for k, v in stats.items() if k.startswith("time/ppo/")},
-                      "kl": float(stats.get("objective/kl", float("nan"))),
-                      "score_mean": float(torch.stack(rewards).mean())})
+    turns = Turns(args.turns)
+    turns.ready()
+    try:
+        for i in range(warmup + iters):
+            turns.wait()
+            steps.append(iteration(trainer, scorer, prompts[16 * i:16 * (i + 1)], gen_kwargs, args.gen_batch_size))
+            turns.passed()
+    finally:
+        turns.finish()
     timed = steps[warmup:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     med = statistics.median([s["step"] for s in timed])
@@ -353,6 +374,7 @@ def main(argv=None) -> int:
         "impl": args.impl, "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": 1,
         "runtime": "inprocess", "torch_threads": args.threads, "params": count_params(model),
         "step_s_median": med, "step_s_all": [s["step"] for s in timed],
+        "step_start_unix": [s["start"] for s in timed],
         "gen_s_median": statistics.median([s["gen"] for s in timed]),
         "score_s_median": statistics.median([s["score"] for s in timed]),
         "train_s_median": statistics.median([s["train"] for s in timed]),
