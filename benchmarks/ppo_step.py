@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=None,
                     help="ppo.micro_batch_size: rows per training pass (default: the whole minibatch)")
     ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
-                    help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on for fp32)")
+                    help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on unless 4/8-bit)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")

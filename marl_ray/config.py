@@ -171,9 +171,11 @@ class PPOSpec:
     rollout_logprobs: Optional[bool] = opt(
         None, "Take the PPO old logprobs and values from the decode steps (marl-ray's decode loop computes "
         "them anyway) instead of a policy pass when scoring: a third less scoring work. They agree with "
-        "the scoring pass to rounding, about 1e-7 per token in fp32 but 3e-3 in bf16 (as large as the KL "
-        "early in training), and the PPO ratio no longer starts at exactly 1. null = on for a full-precision "
-        "fp32 base, off otherwise. Rollouts from vLLM or HF generate are always scored by a pass.")
+        "the scoring pass to rounding: about 3e-7 per token in fp32, 3e-3 in bf16, so in bf16 the PPO "
+        "ratio starts within 2% of 1 instead of at exactly 1, and the KL at the first step is that "
+        "noise instead of 0 (the demo in bf16 learned as much either way over two seeds). null = on for a "
+        "full-precision base (fp32 or bf16), off for a 4/8-bit one. Rollouts from vLLM or HF generate "
+        "are always scored by a pass.")
 
     def _check(self, at: str) -> None:
         if self.batch_size % self.mini_batch_size:

@@ -62,6 +62,14 @@ def _split(n: int, parts: int) -> list[range]:
 _SCORED = ("logprobs_BR", "values_BR", "entropy_BR")  # what a host's sample returns with gen["scored"]
 
 
+def rollout_scored(cfg) -> bool:
+    """ppo.rollout_logprobs resolved: null = on for a full-precision base (fp32 or bf16), off for a
+    4/8-bit one (its decode and its passes were not compared)."""
+    if cfg.ppo.rollout_logprobs is not None:
+        return bool(cfg.ppo.rollout_logprobs)
+    return cfg.model.quantization == "none"
+
+
 class Learner:
     def __init__(self, cfg, hosts, workers, worker_host, logger=None, gold_fn=None):
         self.cfg = cfg
@@ -88,10 +96,7 @@ class Learner:
         self.gen = {"max_new_tokens": cfg.generation.max_new_tokens, "min_new_tokens": cfg.generation.min_new_tokens,
                     "temperature": cfg.generation.temperature, "top_k": cfg.generation.top_k,
                     "top_p": cfg.generation.top_p, "stop_at_eos": cfg.generation.stop_at_eos}
-        scored = cfg.ppo.rollout_logprobs
-        if scored is None:
-            scored = cfg.model.dtype == "fp32" and cfg.model.quantization == "none"
-        self.gen["scored"] = bool(scored)  # hosts return the decode steps' logprobs and values
+        self.gen["scored"] = rollout_scored(cfg)  # hosts return the decode steps' logprobs and values
 
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:

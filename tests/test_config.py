@@ -73,6 +73,19 @@ def test_defaults_construct_directly():
     assert cfg.ppo.steps == 10 and cfg.policies[0].lr == pytest.approx(1.41e-5)
 
 
+@pytest.mark.parametrize("dtype, quant, setting, scored", [
+    ("fp32", "none", None, True), ("bf16", "none", None, True), ("fp32", "4bit", None, False),
+    ("bf16", "8bit", None, False), ("bf16", "none", False, False), ("fp32", "4bit", True, True)])
+def test_rollout_logprobs_default(dtype, quant, setting, scored):
+    """ppo.rollout_logprobs null: the decode steps' logprobs stand in for a policy pass on a
+    full-precision base, fp32 or bf16, not on a 4/8-bit one; a setting wins."""
+    from marl_ray.learner import rollout_scored
+
+    cfg = load([f"model.dtype={dtype}", f"model.quantization={quant}",
+                f"ppo.rollout_logprobs={'null' if setting is None else str(setting).lower()}"])
+    assert rollout_scored(cfg) is scored
+
+
 def test_base_dict_is_merged_under_yaml(cfg_file):
     cfg = load_config(PPORunConfig, cfg_file, base={"ppo": {"steps": 7, "batch_size": 32}, "model": {"dtype": "bf16"}})
     assert cfg.ppo.steps == 7 and cfg.ppo.batch_size == 32
