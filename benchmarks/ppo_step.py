@@ -172,8 +172,8 @@ def main(argv=None) -> int:
             start = time.time()
             m = learner.run_step()[learner.policies[0]]
             turns.passed()
-            steps.append({k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s", "time/train_s")})
-            steps[-1]["start"] = start
+            steps.append({"start": start, **{k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
+                                                                 "time/train_s")}})
     finally:
         turns.finish()
     timed = steps[warmup:]
