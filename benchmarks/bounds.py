@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ppo_step import emit  # noqa: E402
+from harness import emit  # noqa: E402
 
 SIZES = {"small": (256, 4), "medium": (512, 8), "large": (1024, 16)}  # hidden size, layers
 VOCAB, PROMPTS, PROMPT_LEN, NEW, MINIBATCH, EPOCHS = 512, 16, 16, 32, 8, 4

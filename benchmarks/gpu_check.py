@@ -4,9 +4,10 @@
 
 Builds a Llama of ~0.94B parameters (H=2048, 16 layers, 32k vocab, seed 0, bf16; nothing is
 downloaded), a TRL-format reward adapter (LoRA r16 on q/v + score head) and 16-token random
-prompts, then runs marl-ray's in-process PPO path (HF generate, one mixed-adapter scoring
-pass, 4 epochs over minibatches of 8) and reports generation tokens/s, samples/s and peak GPU
-memory for a bf16 base and a 4-bit (nf4, bf16 compute) base.
+prompts, then runs marl-ray's in-process PPO path (the model's default sampler, one mixed-adapter
+scoring pass, 4 epochs over minibatches of 8; config and runtime from harness.py) and reports
+generation tokens/s, samples/s and peak GPU memory for a bf16 base and a 4-bit (nf4, bf16
+compute) base.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import make_config, start  # noqa: E402
 
 
 def build(work: Path, vocab: int = 32000):
@@ -63,24 +66,18 @@ def build(work: Path, vocab: int = 32000):
 def run(quant: str, base, rm, prompts, work: Path, iters: int, warmup: int) -> dict:
     import torch
 
-    from marl_ray.actors.handles import get
-    from marl_ray.cluster import start_inprocess
-    from marl_ray.learner import Learner
-    from ppo_step import make_config
-
-    args = argparse.Namespace(policies=1, quant=quant, dtype="bf16", runtime="inprocess", threads=8)
-    cfg = make_config(base, rm, prompts, args, work / "out")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    cfg = make_config(base, rm, prompts, work / "out", quant=quant, dtype="bf16", threads=8)
     t = time.perf_counter()
-    hosts, workers, worker_host = start_inprocess(cfg, seed=0)
+    started = start(cfg, seed=0)
     load_s = time.perf_counter() - t
-    learner = Learner(cfg, hosts, workers, worker_host)
+    learner = started.learner
     steps = []
     for _ in range(warmup + iters):
         steps.append(learner.run_step()["p0"])
     timed = steps[warmup:]
-    info = get(hosts[0].info.remote())
+    info = started.info()
     med = lambda k: statistics.median(s[k] for s in timed)  # noqa: E731
     out = {
         "quant": quant, "dtype": "bf16", "params": info["base_params"], "device": info["device"],
@@ -91,7 +88,8 @@ def run(quant: str, base, rm, prompts, work: Path, iters: int, warmup: int) -> d
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20, "iters": iters, "warmup": warmup,
         "kl_last": timed[-1]["objective/kl"], "score_last": timed[-1]["objective/scores"],
     }
-    del learner, hosts, workers
+    started.shutdown()
+    del learner, started
     gc.collect()
     torch.cuda.empty_cache()
     return out

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import spread  # noqa: E402
 
 COLORS = {"marl-ray": "#1f77b4", "trl-multi-adapter": "#ff7f0e", "three-model": "#2ca02c"}
 
@@ -46,14 +49,13 @@ def main(argv=None) -> int:
         for k, impl in enumerate(impls):
             xs, meds, lo, hi = [], [], [], []
             for i, c in enumerate(configs):
-                vals = [r[key] for r in c["runs"].get(impl, []) if "error" not in r and r.get(key) is not None]
-                if not vals:
+                s = spread([r.get(key) for r in c["runs"].get(impl, []) if "error" not in r])
+                if not s:
                     continue
-                m = statistics.median(vals)
                 xs.append(i + (k - (len(impls) - 1) / 2) * width)
-                meds.append(m)
-                lo.append(m - min(vals))
-                hi.append(max(vals) - m)
+                meds.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=3, label=impl, color=COLORS.get(impl))
         ax.set_title(title)
         ax.set_xticks(range(len(configs)))

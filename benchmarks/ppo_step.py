@@ -1,115 +1,29 @@
-"""The reference workload (../shared/BENCHMARK.md) through marl-ray's own PPO path; prints JSON.
+"""The reference workload (benchmarks/README.md, "What is measured") through marl-ray's own PPO path;
+prints JSON.
 
     python benchmarks/ppo_step.py --size medium --dtype bf16 --policies 1 --runtime inprocess --json out.json
 
 One PPO iteration: 16 prompts of 16 random token ids, exactly 32 sampled tokens each (temperature
 1, top_k 0, top_p 1), reward adapter score at the last token, adaptive KL 0.2 against the
 base, GAE (1, 0.95), 4 epochs over minibatches of 8. With --policies N every policy gets the
-16 prompts (N x 16 samples per iteration).
+16 prompts (N x 16 samples per iteration). The workload, config and runtime come from harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import build_workload, emit, make_config, peak_rss_mib, rss_mib, start, workdir  # noqa: E402
 from turns import Turns  # noqa: E402
 
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def emit(result: dict, path: str | None) -> int:
-    """Print a benchmark's result as JSON, also to `path` when given; 0, the exit status."""
-    text = json.dumps(result, indent=2)
-    print(text)
-    if path:
-        Path(path).write_text(text)
-    return 0
-
-
-def run_ppo_step(options: list[str], out: Path, env: dict | None = None) -> dict:
-    """This script with `options`, in a process of its own on this interpreter; its JSON result."""
-    here = Path(__file__).resolve().parent
-    cmd = [sys.executable, str(here / "ppo_step.py"), *options, "--json", str(out)]
-    done = subprocess.run(cmd, cwd=here.parent, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def build_workload(work: Path, size: str, n_prompts: int, seed: int = 0):
-    """Base (seed 0), tokenizer, a TRL-format reward adapter (r16/a32 q,v + score head), prompts."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    from marl_ray.data.domain import corpus, write_jsonl
-    from marl_ray.data.tiny import build_llama, build_tokenizer
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    base = work / f"base-{size}"
-    if not (base / "config.json").exists():
-        tok = build_tokenizer(corpus(3000, seed=0), vocab_size=512)
-        build_llama(size, seed=0, vocab_size=512).save_pretrained(base)
-        tok.save_pretrained(base)
-    rm = work / f"rm-{size}"
-    if not (rm / "adapter_config.json").exists():
-        sc = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-        sc.config.pad_token_id = 0
-        peft_rm = get_peft_model(sc, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32,
-                                                target_modules=["q_proj", "v_proj"]))
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for n, p in peft_rm.named_parameters():
-                if "lora_B" in n or "score" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        peft_rm.save_pretrained(rm)
-        del sc, peft_rm
-    rng = random.Random(seed)
-    prompts = work / "prompts.jsonl"
-    write_jsonl([{"input_ids": [rng.randrange(4, 512) for _ in range(16)]} for _ in range(n_prompts)], prompts)
-    return base, rm, prompts
-
-
-def make_config(base, rm, prompts, args, out_dir):
-    from marl_ray.config import PPORunConfig, load_config
-
-    policies = [{"name": f"p{i}", "reward": "rm", "lr": 1.41e-5, "init_kl_coef": 0.2, "adaptive_kl": True,
-                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
-                for i in range(args.policies)]
-    return load_config(PPORunConfig, base={
-        "model": {"base": str(base), "quantization": args.quant, "dtype": args.dtype,
-                  "gradient_checkpointing": {"auto": None, "on": True, "off": False}[getattr(args, "gradient_checkpointing", "auto")]},
-        "rewards": [{"name": "rm", "path": str(rm)}],
-        "policies": policies,
-        "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                       "backend": getattr(args, "backend", "hf")},
-        "ppo": {"steps": 1000, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "gamma": 1.0, "lam": 0.95,
-                "micro_batch_size": getattr(args, "micro_batch_size", None),
-                "rollout_logprobs": {"auto": None, "on": True, "off": False}[getattr(args, "rollout_logprobs", "auto")],
-                "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
-        "cluster": {"runtime": args.runtime, "num_hosts": 1, "host_num_cpus": args.threads, "rollout_workers": 1},
-        "data": {"prompts": str(prompts), "max_prompt_tokens": 16},
-        "run": {"out_dir": str(out_dir), "tensorboard": False, "progress": False, "seed": 0},
-    })
+CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
+                  "micro_batch_size", "rollout_logprobs")  # the options that go into harness.make_config
 
 
 def main(argv=None) -> int:
@@ -144,50 +58,34 @@ def main(argv=None) -> int:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from marl_ray.actors.handles import get
-    from marl_ray.learner import Learner
+    import marl_ray.train.loop  # noqa: F401  (imported before the baseline reading)
 
     baseline = rss_mib()
-    work = Path(args.workdir or os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir)
     base, rm, prompts = build_workload(work, args.size, n_prompts=16 * (iters + warmup))
-    cfg = make_config(base, rm, prompts, args, work / "out")
-    if args.runtime == "ray":
-        from marl_ray.cluster import init_ray, shutdown_actors, start_actors
-
-        init_ray(None, num_cpus=max(2, args.threads))
-        hosts, workers, worker_host, placement = start_actors(cfg, seed=0)
-    else:
-        from marl_ray.cluster import start_inprocess
-
-        hosts, workers, worker_host = start_inprocess(cfg, seed=0)
-    info = get(hosts[0].info.remote())
-    learner = Learner(cfg, hosts, workers, worker_host)
+    cfg = make_config(base, rm, prompts, work / "out", **{k: getattr(args, k) for k in CONFIG_OPTIONS})
+    run = start(cfg, seed=0)
+    learner = run.learner
     steps = []
     turns = Turns(args.turns)
     turns.ready()
     try:
         for i in range(warmup + iters):
             turns.wait()
-            start = time.time()
+            t = time.time()
             m = learner.run_step()[learner.policies[0]]
             turns.passed()
-            steps.append({"start": start, **{k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
-                                                                 "time/train_s")}})
+            steps.append({"start": t, **{k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
+                                                             "time/train_s")}})
     finally:
         turns.finish()
     timed = steps[warmup:]
-    info = get(hosts[0].info.remote())
-    if args.runtime == "ray":
+    info = run.info()
+    if run.ray:  # the host is an actor: its own figures
         host_peak, host_base = info["peak_rss_mib"], info["baseline_rss_mib"]
-        shutdown_actors(workers + hosts, placement.pg)
-        import ray
-
-        ray.shutdown()
     else:
-        import resource
-
-        host_peak, host_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, baseline
+        host_peak, host_base = peak_rss_mib(), baseline
+    run.shutdown()
     med = statistics.median([s["time/step_s"] for s in timed])
     result = {
         "impl": "marl-ray", "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": args.policies,

@@ -1,4 +1,4 @@
-"""marl-ray against its peers on the reference workload (../shared/BENCHMARK.md), side by side.
+"""marl-ray against its peers on the reference workload (benchmarks/README.md), side by side.
 
 Runs in the project venv and launches every measurement as its own process:
   marl-ray:           .venv/bin/python benchmarks/ppo_step.py ...
@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,24 +43,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import ROOT, build_workload, spread  # noqa: E402
+
 PEERS = ("trl-multi-adapter", "three-model")
 
 
-def _spread(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
-
-
 def prepare_workload(work: Path, sizes, n_prompts: int):
-    """Build base/reward adapter/prompts for each size once, with ppo_step.py's own builder."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ppo_step
-
+    """Build base/reward adapter/prompts for each size once (harness.build_workload)."""
     for size in sizes:
-        ppo_step.build_workload(work, size, n_prompts=n_prompts)
+        build_workload(work, size, n_prompts=n_prompts)
 
 
 def run_one(cmd, log: Path, out_json: Path, env, timeout):
@@ -151,14 +143,14 @@ def summarize(cfg_result):
             peak.append(a["peak_rss_mib"] / b["peak_rss_mib"])
         out[peer] = {
             "pairs": len(sps),
-            "samples_per_s_ratio": _spread(sps),
-            "samples_per_s_ratio_by_iteration": _spread(per_iter),
-            "model_rss_ratio": _spread(mem),
-            "peak_rss_ratio": _spread(peak),
-            "marl_samples_per_s": _spread([r["samples_per_s"] for r in marl if "error" not in r]),
-            "peer_samples_per_s": _spread([r["samples_per_s"] for r in pr if "error" not in r]),
-            "marl_model_rss_mib": _spread([r["model_rss_mib"] for r in marl if "error" not in r]),
-            "peer_model_rss_mib": _spread([r["model_rss_mib"] for r in pr if "error" not in r]),
+            "samples_per_s_ratio": spread(sps),
+            "samples_per_s_ratio_by_iteration": spread(per_iter),
+            "model_rss_ratio": spread(mem),
+            "peak_rss_ratio": spread(peak),
+            "marl_samples_per_s": spread([r["samples_per_s"] for r in marl if "error" not in r]),
+            "peer_samples_per_s": spread([r["samples_per_s"] for r in pr if "error" not in r]),
+            "marl_model_rss_mib": spread([r["model_rss_mib"] for r in marl if "error" not in r]),
+            "peer_model_rss_mib": spread([r["model_rss_mib"] for r in pr if "error" not in r]),
             "errors": [r.get("error") + f" ({r.get('log')})" for r in pr if "error" in r],
             "shims": next((r.get("shims") for r in pr if "error" not in r and r.get("shims")), []),
         }

@@ -1,8 +1,9 @@
-"""The reference workload (../shared/BENCHMARK.md) through TRL 0.11.4's PPO; prints JSON.
+"""The reference workload (benchmarks/README.md) through TRL 0.11.4's PPO; prints JSON.
 
-Runs inside .venv-trl (benchmarks/setup_trl_venv.sh) and imports nothing from marl_ray: it reads
-the files that benchmarks/ppo_step.py built in --workdir (base-<size>/, rm-<size>/, prompts.jsonl),
-so run ppo_step.py once first for the same --size and --workdir.
+Runs inside .venv-trl (benchmarks/setup_trl_venv.sh) and imports nothing from marl_ray (nor does
+harness.py at module level): it reads the files that benchmarks/ppo_step.py built in --workdir
+(base-<size>/, rm-<size>/, prompts.jsonl), so run ppo_step.py once first for the same --size and
+--workdir.
 
     .venv-trl/bin/python benchmarks/trl_peer.py --impl trl-multi-adapter --size medium --dtype bf16
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import emit, peak_rss_mib, rss_mib, workdir  # noqa: E402
 from turns import Turns  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the workload is local; never ask a hub
@@ -39,10 +40,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IMPLS = ("trl-multi-adapter", "three-model")
-
-
-def rss_mib() -> float:
-    return _status_mib("VmRSS")
 
 
 def _status_mib(key: str) -> float:
@@ -334,9 +331,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     baseline = rss_mib()
 
-    import tempfile
-
-    work = Path(args.workdir or os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
+    work = workdir(args.workdir)
     base, rm_src, prompts_file = work / f"base-{args.size}", work / f"rm-{args.size}", work / "prompts.jsonl"
     for p in (base / "config.json", rm_src / "adapter_config.json", prompts_file):
         if not p.exists():
@@ -368,7 +363,7 @@ def main(argv=None) -> int:
     finally:
         turns.finish()
     timed = steps[warmup:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     med = statistics.median([s["step"] for s in timed])
     result = {
         "impl": args.impl, "size": args.size, "quant": args.quant, "dtype": args.dtype, "policies": 1,
@@ -394,11 +389,7 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "peft": peft.__version__},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ __all__ = ["AutoModelForCausalLMWithValueHead", "MultiAdapterModel", "__version_
 def __getattr__(name):
     # Lazy: `import marl_ray` stays cheap (no torch/transformers) for the CLI's --help.
     if name == "MultiAdapterModel":
-        from marl_ray.multi_adapter import MultiAdapterModel
+        from marl_ray.model import MultiAdapterModel
 
         return MultiAdapterModel
     if name == "AutoModelForCausalLMWithValueHead":

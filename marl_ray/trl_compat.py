@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from marl_ray.multi_adapter import MultiAdapterModel, last_token_index, load_base
+from marl_ray.model import MultiAdapterModel, last_token_index, load_base
 
 
 class AutoModelForCausalLMWithValueHead(nn.Module):
@@ -100,7 +100,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """Generation under the active policy (HF `generate` keyword arguments pass through)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with torch.no_grad(), self.model._adapters([self._policy()] * input_ids.shape[0]):
+        with torch.no_grad(), self.model.route([self._policy()] * input_ids.shape[0]):
             return self.model.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()

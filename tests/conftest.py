@@ -21,7 +21,7 @@ TEXTS = REVIEWS[:8] * 8
 LORA_TARGETS = ["q_proj", "v_proj"]
 
 # bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" on every
-# 8-bit matmul; the 8-bit tolerances in test_quantized.py account for that cast.
+# 8-bit matmul; the 8-bit tolerances in model/test_quantized.py account for that cast.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # The test models are tiny: intra-op threads buy nothing and, on a busy 2-core machine, make
@@ -75,7 +75,7 @@ def write_reward_folder(base_dir, folder, seed: int = 0, fingerprint_meta: bool 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from marl_ray.adapter_io import META_FILE, base_fingerprint
+    from marl_ray.model.adapter_io import META_FILE, base_fingerprint
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -169,7 +169,7 @@ def reward_dir_trl(base_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ref_adapter_dir(base_dir, tmp_path_factory) -> Path:
     """A LoRA reference adapter (a policy folder written by save_policy, non-zero weights)."""
-    from marl_ray.multi_adapter import MultiAdapterModel
+    from marl_ray.model import MultiAdapterModel
 
     m = MultiAdapterModel.from_pretrained(str(base_dir))
     m.add_policy("sft", lora_config(), seed=3)

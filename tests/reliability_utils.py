@@ -1,4 +1,4 @@
-"""Helpers for tests/test_reliability.py: tiny assets, run configs, comparisons, process hygiene.
+"""Helpers for tests/train/test_resilience.py and tests/runtime/test_node_loss.py: tiny assets, run configs, comparisons, process hygiene.
 
 Everything is local and seeded (no downloads). Ray, where used, binds to 127.0.0.1 and keeps its
 files under a private temp dir (RAY_TMPDIR), so the processes it started can be found (by that
@@ -258,7 +258,7 @@ def private_local_ray(num_cpus: int = 2):
     own, never ~/.ray/auth_token); every process it started is gone afterwards. Yields its temp dir."""
     import ray
 
-    from marl_ray.cluster import init_ray
+    from marl_ray.runtime.placement import init_ray
 
     assert not ray.is_initialized()
     tmp = tempfile.mkdtemp(prefix="rrel", dir="/tmp")  # short: Ray's unix sockets live under it

@@ -1,4 +1,4 @@
-"""Helpers for the Ray runtime tests (test_runtime.py, test_job_submit.py).
+"""Helpers for the Ray runtime tests (runtime/test_runtime.py, runtime/test_node_loss.py, test_job_submit.py).
 
 Every Ray process these tests start binds to 127.0.0.1, runs with token auth on (a throw-away
 token in a temp file, never ~/.ray/auth_token) and a private temp dir, and is stopped by pid:
@@ -7,6 +7,7 @@ never `ray stop`, which would also stop other Ray instances on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -297,3 +298,74 @@ class LocalHead:
 
     def leftovers(self) -> list:
         return [p for p in self.children if p.is_running() and p.status() != "zombie"] + procs_with(self.temp_dir)
+
+
+# ------------------------------------------------------------------ a two-node cluster
+def _reset_auth_cache():
+    """Make Ray's cached config and token loader re-read RAY_AUTH_* from the environment."""
+    try:
+        from ray._private.authentication_test_utils import reset_auth_token_state
+    except ImportError:  # an older Ray caches nothing
+        return
+    reset_auth_token_state()
+
+
+@contextlib.contextmanager
+def two_node_cluster(auth_dir: Path):
+    """Two raylets on 127.0.0.1 (one CPU each), token auth on, a private temp dir; the driver connected.
+
+    The cluster never writes /tmp/ray/ray_current_cluster (which would make a plain `ray.init()` of
+    anyone else on this machine join it), and is stopped by pid at the end.
+    """
+    import pytest
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts anything: loopback only
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    mp.setenv("RAY_AUTH_MODE", "token")
+    Path(auth_dir).mkdir(parents=True, exist_ok=True)
+    mp.setenv("RAY_AUTH_TOKEN_PATH", str(new_token_file(Path(auth_dir))))
+    mp.delenv("RAY_AUTH_TOKEN", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    import ray
+    import ray._common.utils
+    import ray._private.utils
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    from marl_ray.runtime.placement import alive_nodes, init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    mp.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # Ray read the env var at import, maybe earlier
+    mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    _reset_auth_cache()
+    temp_dir = short_temp_dir("rtc")
+    c = None
+    try:
+        agent_port, dashboard_port = free_ports(2)  # not the defaults: other Rays may run on this machine
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": temp_dir,
+            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+            "dashboard_agent_listen_port": agent_port, "object_store_memory": 100 * 1024 * 1024})
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=temp_dir,
+                   object_store_memory=100 * 1024 * 1024)
+        c.wait_for_nodes()
+        assert c.address.startswith("127.0.0.1:")
+        init_ray(address=c.address)
+        assert len(alive_nodes()) == 2
+        yield {"cluster": c, "temp_dir": temp_dir}
+    finally:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+            if c is not None:
+                c.shutdown()
+            kill_procs(procs_with(temp_dir))
+        finally:
+            mp.undo()
+            _reset_auth_cache()
+        left = procs_with(temp_dir)
+        assert not left, f"Ray processes of the test cluster still running: {[p.pid for p in left]}"
+        shutil.rmtree(temp_dir, ignore_errors=True)

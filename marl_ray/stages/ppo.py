@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from marl_ray.adapter_io import atomic_dir
+from marl_ray.model.adapter_io import atomic_dir
 from marl_ray.config import ConfigError, PPORunConfig, save_config
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def check_inputs(cfg: PPORunConfig):
             raise ConfigError(f"rewards[{i}].path: {r.path!r} does not exist (train one with `marl-ray reward`)")
         folder = Path(r.path).expanduser()
         if folder.is_dir():  # a half-written folder fails here, not inside a host actor
-            from marl_ray.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+            from marl_ray.model.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
 
             missing = [] if (folder / ADAPTER_CONFIG).is_file() else [ADAPTER_CONFIG]
             if not ((folder / ADAPTER_WEIGHTS).is_file() or (folder / ADAPTER_WEIGHTS_BIN).is_file()):
@@ -40,7 +40,7 @@ def check_inputs(cfg: PPORunConfig):
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} does not exist (a JSONL file with a 'prompt' field, "
                           "or 'embedded')")
     if cfg.data.prompts != "embedded":  # a malformed line fails here (named), not inside a rollout worker
-        from marl_ray.actors.rollout import load_prompts
+        from marl_ray.runtime.rollout import load_prompts
 
         try:
             load_prompts(cfg.data.prompts)
@@ -58,9 +58,9 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
     """
     import ray
 
-    from marl_ray.actors.handles import get
-    from marl_ray.cluster import init_ray, shutdown_actors, start_actors, start_inprocess
-    from marl_ray.learner import Learner
+    from marl_ray.runtime.handles import get
+    from marl_ray.runtime.placement import init_ray, shutdown_actors, start_actors, start_inprocess
+    from marl_ray.train.loop import Learner
     from marl_ray.metrics import MetricsLogger
 
     check_inputs(cfg)
@@ -70,22 +70,19 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
     started_here = not inprocess and not ray.is_initialized()
     if not inprocess:
         init_ray(cfg.cluster.address)
-    hosts, workers, pg = [], [], None
+    actors, learner = None, None
     logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard)
     try:
         t0 = time.perf_counter()
-        if inprocess:
-            hosts, workers, worker_host = start_inprocess(cfg, seed=cfg.run.seed)
-        else:
-            hosts, workers, worker_host, placement = start_actors(cfg, seed=cfg.run.seed)
-            pg = placement.pg
-        infos = get([h.info.remote() for h in hosts])
+        actors = (start_inprocess if inprocess else start_actors)(cfg, seed=cfg.run.seed)
+        infos = get([h.info.remote() for h in actors.hosts])
         fps = {i["fingerprint"] for i in infos}
         if len(fps) != 1:
             raise RuntimeError(f"hosts loaded different bases: {[i['fingerprint'] for i in infos]}")
-        log.info("%d host(s) on nodes %s; base %s (%s)", len(hosts), [str(i["node_id"])[:8] for i in infos],
+        log.info("%d host(s) on nodes %s; base %s (%s)", len(actors.hosts), [str(i["node_id"])[:8] for i in infos],
                  infos[0]["fingerprint"], infos[0]["quantization"])
-        learner = Learner(cfg, hosts, workers, worker_host, logger, gold_fn=gold_fn)
+        learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host, logger, gold_fn=gold_fn,
+                          host_nodes=actors.host_nodes, respawn_worker=actors.respawn_worker)
         if cfg.run.resume:
             learner.load_checkpoint(cfg.run.resume)
             logger.truncate(learner.step)  # metrics of steps after the checkpoint are redone
@@ -100,12 +97,12 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         saved = {}
         for p in learner.policies:
             # The host sends the files; the learner writes them: no shared volume needed on a cluster.
-            files = get(hosts[0].export_policy.remote(p))
+            files = get(learner.hosts[0].export_policy.remote(p))
             with atomic_dir(out / "policies" / p) as tmp:
                 for name, data in files.items():
                     (tmp / name).write_bytes(data)
             saved[p] = str(out / "policies" / p)
-        infos = get([h.info.remote() for h in hosts])
+        infos = learner.hosts.all("info")
         summary = {
             "policies": {p: learner.history[-1]["metrics"][p] for p in learner.policies},
             "saved": saved, "hosts": infos, "checksums": learner.checksums(), "ledger": learner.ledger,
@@ -116,6 +113,8 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         return summary
     finally:
         logger.close()
-        shutdown_actors(workers + hosts, pg)
+        if actors is not None:  # the learner's workers: it may have started some anew
+            workers = learner.workers if learner is not None else actors.workers
+            shutdown_actors(list(workers) + list(actors.hosts), actors.pg)
         if started_here and not keep_ray:
             ray.shutdown()

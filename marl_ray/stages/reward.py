@@ -124,8 +124,8 @@ def load_reward_model(base: str, quantization: str = "none", seed: int = 0):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-    from marl_ray.adapter_io import base_fingerprint
-    from marl_ray.multi_adapter import _keep_4bit_layout, quantization_config
+    from marl_ray.model.adapter_io import base_fingerprint
+    from marl_ray.model.loading import keep_4bit_layout, quantization_config
 
     kwargs = {"dtype": torch.float32, "num_labels": 1}
     qcfg = quantization_config(quantization, torch.float32)
@@ -141,7 +141,7 @@ def load_reward_model(base: str, quantization: str = "none", seed: int = 0):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    _keep_4bit_layout(model)
+    keep_4bit_layout(model)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF reads the score at the last non-pad token
     return model, tokenizer, base_fingerprint(model)
 
@@ -198,7 +198,7 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from marl_ray.adapter_io import META_FILE, atomic_dir
+    from marl_ray.model.adapter_io import META_FILE, atomic_dir
 
     t0 = time.perf_counter()
     common.check_local_base(cfg.base, "base")

@@ -136,7 +136,7 @@ def _pretrained_model(cfg: SFTConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from marl_ray.multi_adapter import _keep_4bit_layout, quantization_config
+    from marl_ray.model.loading import keep_4bit_layout, quantization_config
 
     common.check_local_base(cfg.base, "base")
     kwargs = {"dtype": torch.float32}
@@ -151,7 +151,7 @@ def _pretrained_model(cfg: SFTConfig):
             raise ConfigError(f"base: cannot load {cfg.base!r} as a causal LM: {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _keep_4bit_layout(model)
+    keep_4bit_layout(model)
     return model, tokenizer
 
 
@@ -214,7 +214,7 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from marl_ray.adapter_io import META_FILE, atomic_dir, base_fingerprint
+    from marl_ray.model.adapter_io import META_FILE, atomic_dir, base_fingerprint
 
     t0 = time.perf_counter()
     result = "adapter" if cfg.mode == "lora" else "base"

@@ -69,8 +69,8 @@ def test_held_out_accuracy_is_well_above_chance(trained):
 def test_folder_is_trl_format_with_our_metadata(trained, domain_base):
     from safetensors.torch import load_file
 
-    from marl_ray.adapter_io import base_fingerprint, read_meta
-    from marl_ray.multi_adapter import load_base
+    from marl_ray.model.adapter_io import base_fingerprint, read_meta
+    from marl_ray.model import load_base
 
     folder = Path(trained["adapter"])
     cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -88,7 +88,7 @@ def test_multi_adapter_and_peft_give_the_same_scores(trained, domain_base):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from marl_ray.data.domain import preference_pairs
-    from marl_ray.multi_adapter import MultiAdapterModel
+    from marl_ray.model import MultiAdapterModel
 
     texts = [t for p in preference_pairs(4, seed=5, split="eval") for t in (p["chosen"], p["rejected"])]
     tok = AutoTokenizer.from_pretrained(str(domain_base))
@@ -114,8 +114,8 @@ def test_multi_adapter_and_peft_give_the_same_scores(trained, domain_base):
 
 
 def test_adapter_from_another_base_is_refused(trained, other_domain_base):
-    from marl_ray.adapter_io import AdapterError
-    from marl_ray.multi_adapter import MultiAdapterModel
+    from marl_ray.model.adapter_io import AdapterError
+    from marl_ray.model import MultiAdapterModel
 
     model = MultiAdapterModel.from_pretrained(str(other_domain_base))
     with pytest.raises(AdapterError, match="different base"):
@@ -186,8 +186,8 @@ def test_base_errors_and_cli_help(tmp_path, capsys):
 def test_training_on_a_4bit_base(domain_base, tmp_path):
     from safetensors.torch import load_file
 
-    from marl_ray.adapter_io import read_meta
-    from marl_ray.multi_adapter import MultiAdapterModel, quantization_config
+    from marl_ray.model.adapter_io import read_meta
+    from marl_ray.model import MultiAdapterModel, quantization_config
 
     try:
         quantization_config("4bit", torch.float32)

@@ -56,8 +56,8 @@ def test_scratch_sft_writes_a_loadable_base_and_learns(tmp_path):
 
 
 def test_lora_sft_adapter_is_a_reference_adapter(base_dir, tmp_path):
-    from marl_ray.adapter_io import read_meta
-    from marl_ray.multi_adapter import MultiAdapterModel
+    from marl_ray.model.adapter_io import read_meta
+    from marl_ray.model import MultiAdapterModel
 
     out = tmp_path / "lora"
     s = run_sft(SFTConfig(out_dir=str(out), base=str(base_dir), mode="lora", corpus_size=200, steps=4,

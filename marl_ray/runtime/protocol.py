@@ -1,0 +1,108 @@
+"""The typed messages that cross actor boundaries (learner <-> host group <-> hosts, worker <-> host).
+
+Every call between actors takes and returns these (or plain scalars, lists of token ids and
+tensor dicts keyed by parameter name): a renamed field fails where it is used, not at run time
+in another process. The model-side results are defined next to the code that makes them and
+re-exported here: `Evaluation` and `RolloutScores` (model/passes.py), `SamplingSettings` and
+`Samples` (model/sampling.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from marl_ray.model.passes import Evaluation, RolloutScores
+from marl_ray.model.sampling import Samples, SamplingSettings
+
+__all__ = ["Evaluation", "RolloutScores", "Samples", "SamplingSettings", "RolloutPart", "EvalRequest",
+           "Minibatch", "LossSettings", "Gradients", "TrainResult", "PolicyState"]
+
+
+@dataclass
+class RolloutPart:
+    """A rollout worker's share of a step: its prompts (each answered by every policy) and the host's
+    samples of them. `samples` holds what the host's `sample` calls returned, or (on Ray) references
+    to those results: the responses go from the host to the learner, never through the worker."""
+
+    worker: int
+    prompt_ids: list[int]  # (N,) index of each row's prompt in the stream
+    prompts: list[list[int]]  # (N,) token ids of each row's prompt
+    policies: list[str]  # (N,) the policy that answers each row
+    samples: list[Any]  # Samples, or ObjectRefs to them, in row order
+
+
+@dataclass
+class EvalRequest:
+    """Rows [left-padded prompt | response] to score under their policy, the reference and their reward."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    policies: list[str]  # (B,)
+    rewards: list[str]  # (B,) reward adapter of each row
+    response_start: int  # P
+    rollout: RolloutScores | None = None  # decode-step scores: no policy rows in the pass
+
+    def rows(self, sl: slice) -> "EvalRequest":
+        roll = None if self.rollout is None else RolloutScores(
+            self.rollout.logprobs_BR[sl], self.rollout.values_BR[sl], self.rollout.entropy_BR[sl])
+        return EvalRequest(self.input_ids[sl], self.attention_mask[sl], self.policies[sl], self.rewards[sl],
+                           self.response_start, roll)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What a host needs to compute a PPO minibatch loss."""
+
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    micro_batch_size: int | None = None  # rows per forward/backward chunk; None = the whole shard
+
+
+@dataclass
+class Minibatch:
+    """One host's rows of a minibatch of one policy (B rows, R response positions)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    response_start: int
+    mask: torch.Tensor  # (B, R) response mask
+    old_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def chunk(self, lo: int, hi: int) -> "Minibatch":
+        return Minibatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.response_start,
+                         self.mask[lo:hi], self.old_logprobs[lo:hi], self.old_values[lo:hi],
+                         self.advantages[lo:hi], self.returns[lo:hi])
+
+
+@dataclass
+class Gradients:
+    """A host's gradients of its shard's share of a minibatch loss, and that share's statistics."""
+
+    grads: dict[str, torch.Tensor]  # parameter name -> gradient
+    stats: dict[str, float]  # loss and diagnostics, already weighted by the shard's token share
+
+
+@dataclass
+class TrainResult:
+    """The outcome of one minibatch update of one policy across the host group."""
+
+    stats: dict[str, float]
+    applied: bool  # False: a non-finite gradient or statistic; nothing was changed
+
+
+@dataclass
+class PolicyState:
+    """Everything trainable of a policy on a host: weights and optimizer state (snapshots, recovery)."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)

@@ -1,0 +1,138 @@
+"""RolloutWorker: owns a shard of the prompt stream, tokenizes it and streams it to a host.
+
+Holds a tokenizer and its position in the stream, never model weights, and relays no tensors
+(the host's samples go to the learner directly). The position is explicit state (`state` /
+`set_state`) so a checkpoint can resume the stream exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from marl_ray.runtime.protocol import RolloutPart
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list:
+    """The prompts: the embedded domain's training openings, or the rows of a JSONL file, each
+    with a "prompt" text or pre-tokenized "input_ids" (a list of token ids, used as given)."""
+    if source == "embedded":
+        from marl_ray.data.domain import prompts
+
+        return prompts(n, seed=seed, split="train")
+    from marl_ray.data.domain import read_jsonl
+
+    rows = read_jsonl(source)
+    out = []
+    for i, r in enumerate(rows, 1):
+        if isinstance(r, dict) and isinstance(r.get("input_ids"), list):
+            out.append([int(t) for t in r["input_ids"]])
+        elif isinstance(r, dict) and "prompt" in r:
+            out.append(str(r["prompt"]))
+        else:
+            raise ValueError(f"{source}: row {i} has neither a 'prompt' text nor an 'input_ids' list")
+    if not out:
+        raise ValueError(f"{source}: no prompts in the file")
+    return out
+
+
+class RolloutWorker:
+    """Shard `worker_index` of `num_workers` of a prompt stream (prompt i belongs to shard i % num_workers)."""
+
+    def __init__(self, tokenizer: str, prompts: str, worker_index: int, num_workers: int,
+                 max_prompt_tokens: int, seed: int = 0):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        texts = load_prompts(prompts, seed=seed)
+        self.ids = [i for i in range(len(texts)) if i % num_workers == worker_index]
+        self.texts = {i: texts[i] for i in self.ids}
+        self.max_prompt_tokens = max_prompt_tokens
+        self.worker_index = worker_index
+        self.position = 0  # index into self.ids of the next prompt to hand out
+        self.epoch = 0  # completed passes over the shard
+        self.truncated = 0
+        self.skipped_empty = 0
+
+    def pid(self) -> int:
+        """This process's id: a worker Ray restarted has another (the learner checks it each step)."""
+        return os.getpid()
+
+    def state(self) -> dict:
+        return {"position": self.position, "epoch": self.epoch}
+
+    def set_state(self, state: dict):
+        self.position, self.epoch = int(state["position"]), int(state["epoch"])
+
+    def _encode(self, text) -> list[int] | None:
+        if isinstance(text, list):  # pre-tokenized
+            ids = list(text)
+            if not ids:
+                return None
+        else:
+            if not text.strip():
+                return None
+            ids = self.tokenizer(text)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            # Keep the end: it is what the response continues.
+            self.truncated += 1
+            if self.truncated <= 3:
+                log.warning("prompt of %d tokens truncated to its last %d", len(ids), self.max_prompt_tokens)
+            ids = ids[-self.max_prompt_tokens:]
+        return ids
+
+    def take(self, n: int) -> list[tuple[int, list[int]]]:
+        """The next n (prompt id, token ids) of this shard; wraps around (a new epoch) at its end."""
+        out = []
+        guard = 0
+        while len(out) < n:
+            if self.position >= len(self.ids):
+                self.position, self.epoch = 0, self.epoch + 1
+            pid = self.ids[self.position]
+            self.position += 1
+            ids = self._encode(self.texts[pid])
+            guard += 1
+            if ids is None:
+                self.skipped_empty += 1
+                if guard > 2 * len(self.ids) + n:
+                    raise ValueError("every prompt of this shard is empty")
+                continue
+            out.append((pid, ids))
+        return out
+
+    def rollout(self, host, n: int, policies: list[str], settings, seed: int) -> RolloutPart:
+        """Take n prompts and have `host` answer each under every policy (N = n * len(policies) rows).
+
+        The samples are returned as the host's result (a reference to it on Ray): they go from the
+        host to whoever reads them, not through this worker."""
+        taken = self.take(n)
+        rows = [(pid, ids, p) for pid, ids in taken for p in policies]
+        ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed)
+        return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref])
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of `texts` as prompts (BOS added, truncated like the stream's prompts)."""
+        out = []
+        for t in texts:
+            ids = self._encode(t)
+            if ids is None:
+                raise ValueError("empty prompt: every prompt needs at least one non-space character")
+            out.append(ids)
+        return out
+
+    def decode(self, token_lists: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+
+    def tensor_bytes(self) -> int:
+        """Bytes held in torch tensors by this process (to show it holds no model weights)."""
+        import gc
+
+        import torch
+
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))

@@ -1,0 +1,394 @@
+"""The learner: the single controller of an RL run (the driver of a `ray job submit` job).
+
+One step reads like the algorithm:
+
+    batch = rollout()              workers stream prompts to hosts; the hosts sample
+    ev    = evaluate(batch)        one mixed-adapter pass: logprobs, values, reference, rewards
+    adv   = advantages(batch, ev)  rewards - KL penalty -> GAE -> whitened advantages
+    train(batch, ev, adv)          PPO epochs; each minibatch split over the host group,
+                                   gradients summed, the same step on every host
+
+The math lives in `train.ppo`; the hosts behind `runtime.host_group.HostGroup`; what happens
+when an actor or a node is lost, in `train.resilience`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from marl_ray.model.sampling import SamplingSettings
+from marl_ray.runtime.handles import LocalHandle, get
+from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
+from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, RolloutScores
+from marl_ray.train import ppo, resilience
+from marl_ray.train.resilience import ActorRestarted, HostLost
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Batch", "PolicyAdvantages", "Learner", "NonFiniteError", "ReplicaDivergence", "ActorRestarted",
+           "HostLost", "rollout_scored"]
+
+
+@dataclass
+class Batch:
+    """One step's trajectories: N rows of [left-padded prompt | response] (T = P + R)."""
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor  # (N, R)
+    response_start: int  # P
+    policies: list[str]
+    prompt_ids: list[int]
+    rollout: RolloutScores | None = None  # the decode steps' scores (ppo.rollout_logprobs), else None
+
+    def rows(self, policy: str) -> list[int]:
+        return [i for i, p in enumerate(self.policies) if p == policy]
+
+
+@dataclass
+class PolicyAdvantages:
+    """One policy's rows of a batch after the reward, the KL penalty and GAE (R = response length)."""
+
+    rows: list[int]  # indices into the batch
+    mask: torch.Tensor  # (n, R) response mask
+    scores: torch.Tensor  # (n,) reward x reward_weight
+    raw_scores: torch.Tensor  # (n,) the reward as the reward adapter gave it
+    kl: torch.Tensor  # (n, R) per-token KL estimate
+    kl_coef: float
+    advantages: torch.Tensor  # (n, R)
+    returns: torch.Tensor  # (n, R)
+    finite: bool  # False: a NaN/inf somewhere: this policy's update is skipped this step
+
+
+def rollout_scored(cfg) -> bool:
+    """ppo.rollout_logprobs resolved: null = on for a full-precision base (fp32 or bf16), off for a
+    4/8-bit one (its decode and its passes were not compared)."""
+    if cfg.ppo.rollout_logprobs is not None:
+        return bool(cfg.ppo.rollout_logprobs)
+    return cfg.model.quantization == "none"
+
+
+class NonFiniteError(RuntimeError):
+    """A policy's updates were skipped for NaN/inf too many steps in a row."""
+
+
+class Learner:
+    def __init__(self, cfg, hosts, workers, worker_host, logger=None, gold_fn=None, host_nodes=None,
+                 respawn_worker=None):
+        """hosts: a HostGroup (or a list of host handles); workers[w] streams to hosts[worker_host[w]].
+        host_nodes[i]: the node of host i (Ray), to tell a lost node from a restarting host;
+        respawn_worker(w, node_id): a new rollout worker w on that node (when its node is gone)."""
+        self.cfg = cfg
+        self.local = bool(hosts) and isinstance(hosts[0], LocalHandle)  # in-process runtime
+        self.hosts = hosts if isinstance(hosts, HostGroup) else HostGroup(hosts, self.local)
+        self.workers = list(workers)
+        self.worker_host = list(worker_host)
+        self.host_nodes = list(host_nodes) if host_nodes else None
+        self.respawn_worker = respawn_worker
+        self.logger = logger
+        # Optional gold oracle (texts -> scores): a metric only, never part of the reward.
+        self.gold_fn = gold_fn
+        self.policies = [p.name for p in cfg.policies]
+        self.spec = {p.name: p for p in cfg.policies}
+        self.kl_ctl = {
+            p.name: (ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
+                     else ppo.FixedKLController(p.init_kl_coef))
+            for p in cfg.policies}
+        self.step = 0
+        self.bad_steps = {p: 0 for p in self.policies}  # consecutive steps with a skipped update
+        self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
+        self.recoveries = 0  # steps redone after an actor was lost
+        self._actor_pids = None  # pids of hosts + workers when their state was last known good (Ray)
+        self.ledger: list[dict] = []  # prompt ids consumed per step
+        self.history: list[dict] = []
+        # with rollout_scored, hosts return the decode steps' logprobs and values
+        self.sampling = SamplingSettings.from_config(cfg.generation, scored=rollout_scored(cfg))
+        g = cfg.ppo
+        self.loss = LossSettings(g.cliprange, g.cliprange_value, g.vf_coef, g.micro_batch_size)
+
+    # ------------------------------------------------------------ phases
+    def rollout(self) -> Batch:
+        """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
+        shares = [len(r) for r in split(self.cfg.ppo.batch_size, len(self.workers))]
+        seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
+        parts = get([self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.policies, self.sampling,
+                                                    seed + w * 7919)
+                     for w, k in enumerate(shares)])  # in worker order: deterministic for a seed
+        samples = [get(ref) for part in parts for ref in part.samples]  # from the hosts, not via the workers
+        prompts = [p for part in parts for p in part.prompts]
+        P = max(len(p) for p in prompts)
+        prompt_ids = torch.zeros((len(prompts), P), dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, P - len(p):] = torch.tensor(p)
+            prompt_mask[i, P - len(p):] = 1
+        resp = torch.cat([s.responses for s in samples])
+        rmask = torch.cat([s.response_mask for s in samples])
+        rollout = None
+        if all(s.scores is not None for s in samples):  # the decode steps' logprobs/values: no policy pass
+            rollout = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples])
+                                      for f in ("logprobs_BR", "values_BR", "entropy_BR")))
+        return Batch(
+            input_ids=torch.cat([prompt_ids, resp], 1), attention_mask=torch.cat([prompt_mask, rmask], 1),
+            response_mask=rmask, response_start=P, policies=[p for part in parts for p in part.policies],
+            prompt_ids=[i for part in parts for i in part.prompt_ids], rollout=rollout)
+
+    def evaluate(self, batch: Batch) -> Evaluation:
+        """Policy logprobs + values, reference logprobs and rewards of every row, the rows split over the
+        hosts (no policy rows in the pass when the rollout brought the decode steps' scores)."""
+        rewards = [self.spec[p].reward for p in batch.policies]
+        return self.hosts.evaluate(EvalRequest(batch.input_ids, batch.attention_mask, batch.policies, rewards,
+                                               batch.response_start, batch.rollout))
+
+    def advantages(self, batch: Batch, ev: Evaluation) -> dict[str, PolicyAdvantages]:
+        """Per policy: KL-penalised rewards, GAE advantages (whitened) and returns."""
+        out = {}
+        g = self.cfg.ppo
+        for p in self.policies:
+            rows = batch.rows(p)
+            mask = batch.response_mask[rows].float()
+            scores = ev.scores_B[rows] * self.spec[p].reward_weight
+            coef = self.kl_ctl[p].value
+            rewards, kl = ppo.rewards_with_kl(scores, ev.logprobs_BR[rows], ev.ref_logprobs_BR[rows], mask,
+                                              coef, kind=g.kl_penalty)
+            adv, ret = ppo.gae(rewards, ev.values_BR[rows], mask, gamma=g.gamma, lam=g.lam)
+            if g.whiten_advantages:
+                adv = ppo.masked_whiten(adv, mask)
+            finite = all(bool(torch.isfinite(x[mask.bool()]).all()) for x in (rewards, adv, ret)) and bool(
+                torch.isfinite(scores).all())
+            out[p] = PolicyAdvantages(rows, mask, scores, ev.scores_B[rows], kl, coef, adv, ret, finite)
+        return out
+
+    def minibatch(self, batch: Batch, ev: Evaluation, a: PolicyAdvantages, local: list[int]) -> Minibatch:
+        """Rows a.rows[local] of a policy as a minibatch (local: indices into the policy's rows)."""
+        sel = [a.rows[i] for i in local]
+        return Minibatch(batch.input_ids[sel], batch.attention_mask[sel], batch.response_start, a.mask[local],
+                         ev.logprobs_BR[sel], ev.values_BR[sel], a.advantages[local], a.returns[local])
+
+    def train(self, batch: Batch, ev: Evaluation, adv: dict[str, PolicyAdvantages]) -> dict[str, dict]:
+        """PPO epochs; each minibatch's rows are split over the hosts, gradients summed, one step everywhere."""
+        g = self.cfg.ppo
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
+        stats = {p: [] for p in self.policies}
+        skipped = {p: 0 for p in self.policies}
+        for p in self.policies:
+            if not adv[p].finite:
+                skipped[p] += 1
+                log.warning("step %d, policy %r: non-finite reward/advantage; its update is skipped", self.step, p)
+        for _ in range(g.ppo_epochs):
+            perms = {p: torch.randperm(len(adv[p].rows), generator=gen).tolist() for p in self.policies}
+            for start in range(0, g.batch_size, g.mini_batch_size):
+                pending = {}  # every policy's update is in flight before any is awaited
+                for p in self.policies:
+                    if skipped[p]:
+                        continue
+                    local = perms[p][start:start + g.mini_batch_size]
+                    total = float(adv[p].mask[local].sum().clamp(min=1))
+                    shards = [self.minibatch(batch, ev, adv[p], [local[i] for i in s])
+                              for s in split(len(local), len(self.hosts))]
+                    pending[p] = self.hosts.submit(p, shards, total, self.loss, g.max_grad_norm)
+                for p, handle in pending.items():
+                    result = self.hosts.finish(p, handle, g.max_grad_norm, f"step {self.step}")
+                    if result.applied:
+                        stats[p].append(result.stats)
+                        continue
+                    # Never let NaN/inf reach the adapters or the optimizer state: drop this
+                    # policy's remaining updates of the step.
+                    skipped[p] += 1
+                    log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
+        out = {p: ({f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} if v else {}) for p, v in stats.items()}
+        for p in self.policies:
+            self.bad_steps[p] = self.bad_steps[p] + 1 if skipped[p] else 0
+            self.skip_count[p] += 1 if skipped[p] else 0
+            out[p]["skipped/nonfinite"] = self.skip_count[p]
+        return out
+
+    # ------------------------------------------------------------ one step
+    def run_step(self) -> dict[str, dict]:
+        t0 = time.perf_counter()
+        batch = self.rollout()
+        t1 = time.perf_counter()
+        ev = self.evaluate(batch)
+        adv = self.advantages(batch, ev)
+        t2 = time.perf_counter()
+        train_stats = self.train(batch, ev, adv)
+        t3 = time.perf_counter()
+        n_samples = len(batch.policies)
+        gen_tokens = int(batch.response_mask.sum())
+        metrics = {}
+        for p in self.policies:
+            a = adv[p]
+            kl_seq = (a.kl * a.mask).sum(1)
+            ent_seq = (ev.entropy_BR[a.rows] * a.mask).sum(1)
+            m = {
+                "objective/kl": float(kl_seq.mean()),
+                "objective/entropy": float(ent_seq.mean()),
+                "objective/scores": float(a.raw_scores.mean()),
+                "objective/rlhf_reward": float(a.scores.mean() - a.kl_coef * kl_seq.mean()),
+                "objective/kl_coef": float(a.kl_coef),
+                "val/mean": float(ppo.masked_mean(ev.values_BR[a.rows], a.mask)),
+                "returns/mean": float(ppo.masked_mean(a.returns, a.mask)),
+            }
+            m.update(train_stats[p])
+            if a.finite:
+                self.kl_ctl[p].update(float(kl_seq.mean()), self.cfg.ppo.batch_size)
+            m.update({"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
+                      "time/step_s": t3 - t0, "perf/samples_per_s": n_samples / (t3 - t0),
+                      "perf/gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)})
+            metrics[p] = m
+        if self.gold_fn is not None:
+            self._gold_metrics(batch, metrics)
+        self.ledger.append({"step": self.step, "prompt_ids": sorted(set(batch.prompt_ids))})
+        self.step += 1
+        return metrics
+
+    def _gold_metrics(self, batch: Batch, metrics: dict):
+        texts = get(self.workers[0].decode.remote(
+            [batch.input_ids[i, batch.response_start:][batch.response_mask[i].bool()].tolist()
+             for i in range(len(batch.policies))]))
+        for p in self.policies:
+            scores = self.gold_fn([texts[i] for i in batch.rows(p)])
+            metrics[p]["gold/score"] = float(sum(scores) / max(len(scores), 1))
+
+    def generate_texts(self, texts: list[str], policy: str, seed: int = 0) -> list[str]:
+        """Completions of `texts` under `policy` ("ref" = the reference), decoded (for evaluation)."""
+        worker, host = self.workers[0], self.hosts[self.worker_host[0]]
+        prompts = get(worker.encode.remote(texts))
+        out = get(host.sample.remote(prompts, [policy] * len(prompts), self.sampling, seed))
+        rows = [r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)]
+        return get(worker.decode.remote(rows))
+
+    def checksums(self) -> dict[str, list[str]]:
+        return {p: self.hosts.checksums(p) for p in self.policies}
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict:
+        """Everything of the run outside the policies' weights and optimizers (for checkpoints)."""
+        return {
+            "step": self.step, "kl_ctl": {p: c.state_dict() for p, c in self.kl_ctl.items()},
+            "workers": get([w.state.remote() for w in self.workers]),
+            "host_rng": self.hosts.all("rng_state"),
+            "ledger": list(self.ledger), "history": list(self.history),
+            "bad_steps": dict(self.bad_steps), "skip_count": dict(self.skip_count),
+        }
+
+    def set_state(self, state: dict):
+        self.step = state["step"]
+        for p, c in self.kl_ctl.items():
+            c.load_state_dict(state["kl_ctl"][p])
+        get([w.set_state.remote(s) for w, s in zip(self.workers, state["workers"])])
+        # host_rng has one entry per host of the run that saved it; a group that shrank takes the first ones
+        get([h.set_rng_state.remote(r) for h, r in zip(self.hosts.hosts, state["host_rng"])])
+        self.ledger, self.history = list(state["ledger"]), list(state["history"])
+        self.bad_steps, self.skip_count = dict(state["bad_steps"]), dict(state["skip_count"])
+
+    def save_checkpoint(self, state: dict | None = None) -> Path:
+        """Write OUT/checkpoints/step-N atomically (policies from host 0, as bytes). `state`: the
+        learner state to write (default: read now from the learner and the actors)."""
+        import yaml
+
+        from marl_ray.config import to_dict
+        from marl_ray.train import checkpoint
+
+        files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
+        meta = {"base_fingerprint": get(self.hosts[0].info.remote())["fingerprint"], "policies": self.policies}
+        state = self.state() if state is None else state
+        if self._actor_pids is not None and resilience.pids(self) != self._actor_pids:
+            # A restarted host would have exported its initial weights: write nothing.
+            raise ActorRestarted(f"an actor was restarted before the checkpoint of step {self.step} was read")
+        return checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
+                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.run.keep_last)
+
+    def load_checkpoint(self, which: str) -> Path:
+        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder)."""
+        from marl_ray.train import checkpoint
+
+        path = checkpoint.resolve(self.cfg.run.out_dir, which)
+        meta, state, files = checkpoint.load(path)
+        checkpoint.check_compatible(meta, get(self.hosts[0].info.remote())["fingerprint"], self.policies, path)
+        for p in self.policies:
+            self.hosts.import_policy(p, files[p], f"loading {path}")
+        self.set_state(state)
+        log.info("resumed from %s (step %d)", path, self.step)
+        return path
+
+    # ------------------------------------------------------------ lost nodes
+    def drop_hosts(self, gone: list[int], snap: "resilience.Snapshot"):
+        """Hosts `gone` were on nodes that left the cluster. The hosts left restore `snap`; the rollout
+        workers of a lost host are made anew on a node left and resume the stream where `snap` has
+        them. With `cluster.num_hosts` fixed: a checkpoint of `snap`, then HostLost naming the nodes.
+        Otherwise the run goes on with the hosts left (each minibatch split over fewer hosts)."""
+        nodes = [self.host_nodes[i] for i in gone]
+        keep = [i for i in range(len(self.hosts)) if i not in gone]
+        if not keep:
+            raise HostLost(f"every model host is gone (nodes {nodes}); resume from the last checkpoint")
+        if self.respawn_worker is None and any(h in gone for h in self.worker_host):
+            raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone, and their rollout workers cannot be "
+                           "started anew here")
+        self.hosts = HostGroup([self.hosts[i] for i in keep], self.local)
+        self.host_nodes = [self.host_nodes[i] for i in keep]
+        moved = []
+        for w, h in enumerate(self.worker_host):
+            if h in gone:
+                self.worker_host[w] = w % len(keep)
+                self.workers[w] = self.respawn_worker(w, self.host_nodes[self.worker_host[w]])
+                moved.append(w)
+            else:
+                self.worker_host[w] = keep.index(h)
+        if self.cfg.cluster.num_hosts is not None:
+            for p, st in snap.policies.items():
+                self.hosts.set_state(p, st, "restoring the last good state")
+            self._actor_pids = None
+            path = self.save_checkpoint(state=snap.learner)
+            raise HostLost(
+                f"model host(s) {gone} on node(s) {nodes} are gone for good and cluster.num_hosts="
+                f"{self.cfg.cluster.num_hosts} asks for a fixed number of hosts: the last good state (step "
+                f"{snap.learner['step']}) is saved to {path}. Resume with run.resume=latest once the cluster has "
+                "the nodes, or set cluster.num_hosts: null to go on with the hosts left.")
+        log.warning("model host(s) %s on node(s) %s are gone for good: going on with %d host(s); rollout "
+                    "worker(s) %s started anew", gone, nodes, len(keep), moved)
+
+    # ------------------------------------------------------------ fit
+    def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
+        """Run steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each.
+
+        Each step runs under `resilience.run_step`: a step that loses an actor is rolled back to its
+        start on every host and worker and redone with the same seeds."""
+        from tqdm import tqdm
+
+        end = self.cfg.ppo.steps if steps is None else self.step + steps
+        for p, s in self.checksums().items():
+            if len(set(s)) != 1:
+                raise ReplicaDivergence(f"policy {p!r}: hosts start from different weights: {s}")
+        bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not self.cfg.run.progress)
+        save_every = self.cfg.run.save_every
+        try:
+            snap = None if self.local else resilience.take_snapshot(self)
+            while self.step < end:
+                metrics, snap = resilience.run_step(self, self.run_step, snap, max_step_retries)
+                self.history.append({"step": self.step - 1, "metrics": metrics})
+                if self.logger is not None:
+                    self.logger.log(self.step - 1, metrics)
+                if on_step is not None:
+                    on_step(self.step - 1, metrics)
+                bad = [p for p, n in self.bad_steps.items() if n >= self.cfg.ppo.max_nonfinite_steps]
+                if bad:
+                    path = resilience.save(self, self.save_checkpoint, snap)
+                    raise NonFiniteError(
+                        f"policies {bad}: updates skipped for non-finite numbers {self.cfg.ppo.max_nonfinite_steps} "
+                        f"steps in a row; last good state saved to {path}. Lower the learning rate or check "
+                        "the reward adapter.")
+                if save_every and self.step % save_every == 0 and self.step < end:
+                    resilience.save(self, self.save_checkpoint, snap)
+                first = metrics[self.policies[0]]
+                bar.set_postfix(samples_s=f"{first['perf/samples_per_s']:.1f}",
+                                **{p: f"{m['objective/scores']:+.2f}" for p, m in metrics.items()})
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.history

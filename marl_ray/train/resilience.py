@@ -1,0 +1,160 @@
+"""Resilience around a learner step: snapshots, recovery of lost actors, retries, lost nodes.
+
+A step that loses an actor (Ray restarts it) is rolled back to its start on every host and
+worker and redone with the same seeds: no sample is lost or counted twice. Ray restarts an actor
+that dies between calls without raising anything to the caller; only its new process id gives
+it away, so every snapshot records the actors' pids.
+
+A host that cannot come back (its node is gone for good) is either dropped (the run goes on with
+the hosts left, when the number of hosts follows the nodes: `cluster.num_hosts: null`) or stops the
+run with a checkpoint of the last good state and a message naming the node (`HostLost`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from marl_ray.runtime.handles import get
+
+log = logging.getLogger(__name__)
+
+
+class ActorRestarted(RuntimeError):
+    """An actor was restarted by Ray since the last snapshot: its in-memory state is gone."""
+
+
+class HostLost(RuntimeError):
+    """A model host's node is gone for good and the run asked for a fixed number of hosts."""
+
+
+def actor_lost(e: BaseException) -> bool:
+    """True for a dead or restarting actor (or an object whose owner died with its actor), also when
+    it surfaces inside another actor's task."""
+    try:
+        from ray.exceptions import ActorUnavailableError, OwnerDiedError, RayActorError
+    except ImportError:
+        return False
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (RayActorError, ActorUnavailableError, OwnerDiedError)):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False
+
+
+@dataclass
+class Snapshot:
+    """The state at the start of a step: what a failed step is rolled back to."""
+
+    policies: dict  # policy -> protocol.PolicyState (from host 0)
+    learner: dict  # Learner.state()
+    pids: list[int] = field(default_factory=list)  # hosts + workers, read after their state
+
+
+def pids(learner, timeout: float | None = None) -> list[int]:
+    return get([a.pid.remote() for a in list(learner.hosts.hosts) + list(learner.workers)], timeout)
+
+
+def take_snapshot(learner) -> Snapshot:
+    """Policies from host 0 and the learner's state; the actors' pids are read after their state:
+    unchanged pids later prove that no actor restarted meanwhile."""
+    snap = Snapshot({p: get(learner.hosts[0].get_state.remote(p)) for p in learner.policies}, learner.state())
+    snap.pids = learner._actor_pids = pids(learner)
+    return snap
+
+
+def restarted(learner, snap: Snapshot) -> bool:
+    """True when an actor was restarted since `snap` (or does not answer)."""
+    try:
+        return pids(learner, timeout=60.0) != snap.pids
+    except Exception:
+        return True
+
+
+def _wait_for(probe, deadline: float, what: str, timeout_s: float):
+    while True:
+        try:
+            get(probe.remote(), timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            return
+        except Exception as e:  # still restarting
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not come back within {timeout_s:.0f}s: {e}") from e
+            time.sleep(0.5)
+
+
+def lost_hosts(learner) -> list[int]:
+    """Indices of hosts whose node is no longer alive in the cluster (they cannot be restarted there)."""
+    nodes = getattr(learner, "host_nodes", None)
+    if not nodes or learner.local:
+        return []
+    from marl_ray.runtime.placement import alive_node_ids
+
+    alive = alive_node_ids()
+    return [i for i, n in enumerate(nodes) if n not in alive]
+
+
+def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
+    """Wait for restarted actors, then put every host and worker back to the snapshot.
+
+    Hosts on a node that is gone are handled first (`learner.drop_hosts`): dropped, with their
+    rollout workers moved to the nodes left, or, with a fixed number of hosts, `HostLost`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gone = lost_hosts(learner)
+        if gone:
+            learner.drop_hosts(gone, snap)
+        try:
+            for i, h in enumerate(learner.hosts.hosts):
+                _wait_for(h.info, min(deadline, time.monotonic() + 10.0), f"host {i}", timeout_s)
+            for w, worker in enumerate(learner.workers):
+                _wait_for(worker.state, min(deadline, time.monotonic() + 10.0), f"rollout worker {w}", timeout_s)
+            break
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+            # a node may have gone meanwhile: look again
+    snap.pids = learner._actor_pids = pids(learner)  # before restoring: a restart after this shows
+    for p, st in snap.policies.items():
+        learner.hosts.set_state(p, st, "recovery")
+    learner.set_state(snap.learner)
+
+
+def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
+    """step_fn() with recovery: on a lost actor, restore `snap` and redo it, up to max_retries times.
+    Returns (result, the snapshot of the state after the step) (None, None without snapshots)."""
+    for attempt in range(max_retries + 1):
+        try:
+            result = step_fn()
+            nxt = None
+            if snap is not None:
+                nxt = take_snapshot(learner)
+                if nxt.pids != snap.pids:
+                    raise ActorRestarted(f"an actor was restarted during step {learner.step - 1}")
+            return result, nxt
+        except Exception as e:
+            if snap is None or attempt == max_retries or not (actor_lost(e) or restarted(learner, snap)):
+                raise
+            learner.recoveries += 1
+            log.warning("step %d lost an actor (%s); restoring and redoing the step", snap.learner["step"],
+                        type(e).__name__)
+            recover(learner, snap)
+
+
+def save(learner, save_fn, snap: Snapshot | None, retries: int = 2):
+    """save_fn() (a checkpoint of the current state); an actor lost meanwhile is restored to `snap`
+    (this very state) first, then the save is tried again."""
+    for attempt in range(retries + 1):
+        try:
+            return save_fn()
+        except Exception as e:
+            if snap is None or attempt == retries or not (actor_lost(e) or restarted(learner, snap)):
+                raise
+            learner.recoveries += 1
+            log.warning("an actor was lost while saving step %d (%s); restoring and saving again", learner.step,
+                        type(e).__name__)
+            history = list(learner.history)  # `snap` was read before this step's metrics were added
+            recover(learner, snap)
+            learner.history = history

@@ -1,0 +1,109 @@
+"""runtime/host_group.py on its own, with real model hosts in this process (no Ray).
+
+A group of two hosts must give what a group of one gives: the same scores row for row, and
+the same update from a minibatch split over both (gradients summed) as from one host on the
+whole of it; replicas stay identical; a non-finite update changes nothing; diverged replicas
+are caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reliability_utils as ru
+from marl_ray.runtime.handles import LocalHandle
+from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
+
+
+def test_split_is_contiguous_near_equal_and_drops_empty_shards():
+    assert split(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert split(2, 3) == [range(0, 1), range(1, 2)]
+    assert split(0, 2) == []
+    for n in range(12):
+        for parts in range(1, 5):
+            shards = split(n, parts)
+            assert [i for r in shards for i in r] == list(range(n))
+            assert max(map(len, shards), default=0) - min(map(len, shards), default=0) <= 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two in-process hosts (replicas of the same seed) and a learner over the first one."""
+    from marl_ray.runtime.host import ModelHost
+    from marl_ray.runtime.placement import start_inprocess
+    from marl_ray.train.loop import Learner
+
+    assets = ru.build_assets(tmp_path_factory.mktemp("group_assets"))
+    cfg = ru.load(ru.run_config(assets, tmp_path_factory.mktemp("group_out"), generation={"max_new_tokens": 5}))
+    actors = start_inprocess(cfg, seed=0)
+    second = LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0, host_index=1))
+    learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host)
+    batch = learner.rollout()
+    return {"cfg": cfg, "learner": learner, "batch": batch, "one": HostGroup(actors.hosts, local=True),
+            "two": HostGroup([actors.hosts[0], second], local=True)}
+
+
+def test_two_hosts_score_what_one_host_scores(setup):
+    req = _req(setup["learner"], setup["batch"])
+    one, two = setup["one"].evaluate(req), setup["two"].evaluate(req)
+    for f in ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR"):
+        assert getattr(two, f).shape == getattr(one, f).shape
+        torch.testing.assert_close(getattr(two, f), getattr(one, f), atol=1e-5, rtol=1e-5, msg=lambda m: f"{f}: {m}")
+
+
+def _update(group, learner, batch, ev, adv, policy, nan=False):
+    local = list(range(len(adv[policy].rows)))
+    total = float(adv[policy].mask[local].sum())
+    shards = [learner.minibatch(batch, ev, adv[policy], [local[i] for i in s]) for s in split(len(local), len(group))]
+    if nan:
+        shards[-1].advantages[:] = float("nan")
+    pending = group.submit(policy, shards, total, learner.loss, 1.0)
+    return group.finish(policy, pending, 1.0)
+
+
+def test_a_split_update_is_the_single_host_update_and_replicas_agree(setup):
+    learner, batch, one, two = setup["learner"], setup["batch"], setup["one"], setup["two"]
+    ev = one.evaluate(_req(learner, batch))
+    adv = learner.advantages(batch, ev)
+    policy = "up"
+    start = one.hosts[0]._obj.get_state(policy)
+    r1 = _update(one, learner, batch, ev, adv, policy)
+    after_one = one.hosts[0]._obj.get_state(policy).weights
+    two.set_state(policy, start)  # both replicas back to the start
+    r2 = _update(two, learner, batch, ev, adv, policy)
+    assert r1.applied and r2.applied
+    for k in r1.stats:
+        assert r2.stats[k] == pytest.approx(r1.stats[k], rel=1e-5, abs=1e-7), k
+    sums = two.checksums(policy)
+    assert sums[0] == sums[1]
+    after_two = two.hosts[0]._obj.get_state(policy).weights
+    moved = False
+    for k, w in after_one.items():
+        torch.testing.assert_close(after_two[k], w, rtol=1e-5, atol=1e-6)
+        moved |= not torch.equal(w, start.weights[k])
+    assert moved
+    # a NaN in one host's shard: nothing applied anywhere, on a group of one or of two
+    for group in (one, two):
+        before = group.checksums(policy)
+        result = _update(group, learner, batch, ev, adv, policy, nan=True)
+        assert not result.applied and group.checksums(policy) == before
+
+
+def test_diverged_replicas_are_caught(setup):
+    learner, batch, two = setup["learner"], setup["batch"], setup["two"]
+    ev = two.evaluate(_req(learner, batch))
+    adv = learner.advantages(batch, ev)
+    second = two.hosts[1]._obj
+    with torch.no_grad():
+        next(iter(second.model.policy_state("down").values())).add_(1e-3)
+    with pytest.raises(ReplicaDivergence, match="'down'"):
+        _update(two, learner, batch, ev, adv, "down")
+    with pytest.raises(ReplicaDivergence):
+        two.agree(two.checksums("down"), "check")
+
+
+def _req(learner, b):
+    from marl_ray.runtime.protocol import EvalRequest
+
+    return EvalRequest(b.input_ids, b.attention_mask, b.policies, [learner.spec[p].reward for p in b.policies],
+                       b.response_start, b.rollout)

@@ -1,0 +1,77 @@
+"""A node gone for good in a two-node cluster (`ray.cluster_utils.Cluster` on 127.0.0.1).
+
+The second node (its model host and its rollout worker) is removed after step 0. With the number
+of hosts following the nodes (cluster.num_hosts: null), the run goes on with the host left: the
+lost worker is started anew on the node left and resumes its shard of the stream, so no prompt
+is lost or used twice. With a fixed number of hosts, the run stops with a checkpoint of the last
+good state and an error that names the lost node."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import reliability_utils as ru
+from runtime_utils import two_node_cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return ru.build_assets(tmp_path_factory.mktemp("node_loss_assets"))
+
+
+def _run(assets, out, num_hosts, tmp_path, caplog):
+    from marl_ray.stages.ppo import run_ppo
+
+    cfg = ru.load(ru.run_config(assets, out, cluster={"runtime": "ray", "num_hosts": num_hosts, "max_restarts": 1,
+                                                      "rollout_workers": 2, "host_num_cpus": 1},
+                                run={"save_every": 0}))
+    seen = {}
+    with two_node_cluster(tmp_path / "auth") as c:
+        head, other = c["cluster"].head_node, [n for n in c["cluster"].list_all_nodes() if not n.is_head()][0]
+
+        def on_start(learner):
+            seen["nodes"] = list(learner.host_nodes)
+            seen["learner"] = learner
+
+        def on_step(step, metrics):
+            if step == 0:
+                seen["lost"] = other.node_id
+                c["cluster"].remove_node(other, allow_graceful=False)
+
+        with caplog.at_level(logging.WARNING, logger="marl_ray.train"):
+            try:
+                return run_ppo(cfg, on_start=on_start, on_step=on_step), seen, head
+            except Exception as e:  # noqa: BLE001  (the test looks at it)
+                return e, seen, head
+
+
+def test_a_lost_node_shrinks_the_group_and_the_run_goes_on(assets, tmp_path, caplog):
+    out = tmp_path / "run"
+    summary, seen, head = _run(assets, out, None, tmp_path, caplog)
+    assert not isinstance(summary, Exception), summary
+    assert seen["lost"] in seen["nodes"] and len(seen["nodes"]) == 2
+    assert summary["steps"] == 4 and summary["recoveries"] >= 1
+    assert [h["node_id"] for h in summary["hosts"]] == [head.node_id]
+    assert "gone for good" in caplog.text
+    ru.assert_ledger_clean(summary["ledger"], 4, 4)
+    # the policies trained on: the host left holds every policy, and they moved after the loss
+    assert set(summary["checksums"]) == {"up", "down"}
+    assert all(len(v) == 1 for v in summary["checksums"].values())
+
+
+def test_a_lost_node_with_a_fixed_number_of_hosts_stops_with_a_checkpoint(assets, tmp_path, caplog):
+    from marl_ray.train import checkpoint
+    from marl_ray.train.loop import HostLost
+
+    out = tmp_path / "run"
+    err, seen, _ = _run(assets, out, 2, tmp_path, caplog)
+    assert isinstance(err, HostLost), err
+    assert seen["lost"] in str(err) and "num_hosts" in str(err)
+    latest = checkpoint.resolve(out, "latest")
+    meta, state, files = checkpoint.load(latest)
+    assert state["step"] == 1 and set(files) == {"up", "down"}  # the state after step 0: the last good one
+    assert str(latest) in str(err)
