@@ -95,7 +95,7 @@ def test_bad_config_jobs_fail_with_their_error_in_the_logs(head, assets, tmp_pat
     """A missing reward (in the YAML) and a nonexistent base (via --set): the job fails, `ray job submit`
     exits non-zero, the status is FAILED and the config error is in the job's logs. Both run at once."""
     cases = {
-        "reward": ([], "policies[0].reward: 'nope' is not one of the reward adapters ['rm']"),
+        "reward": ([], "policies[0].reward: 'nope' is not one of the rewards ['rm']"),
         "base": (["--set", "model.base=/nonexistent/marl-ray-base"], "model.base: '/nonexistent/marl-ray-base' does not exist"),
     }
     procs = {}

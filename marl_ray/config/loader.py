@@ -50,7 +50,8 @@ def _join(at: str, name: str) -> str:
 
 def opt(default: Any = MISSING, help: str = "", **bounds: Any) -> Any:
     """A field with help text. A dataclass ``default`` is used as a factory; leave ``default`` out for a
-    required field. ``bounds`` (gt, ge, lt, le) are checked on validation and shown in ``--help``."""
+    required field. ``bounds`` (gt, ge, lt, le) are checked on validation and shown in ``--help``;
+    ``one_or_many=True`` lets a list field be given as one string."""
     meta = {"help": help, **bounds}
     if isinstance(default, type) and is_dataclass(default):
         return field(default_factory=default, metadata=meta)
@@ -170,7 +171,10 @@ def _build(cls: type[T], data: Any, path: str = "") -> T:
     kwargs = {}
     for name, f in known.items():
         if name in data:
-            kwargs[name] = _coerce(_hints(cls)[name], data[name], _join(path, name))
+            value = data[name]
+            if f.metadata.get("one_or_many") and isinstance(value, str):  # one name where a list may stand
+                value = [value]
+            kwargs[name] = _coerce(_hints(cls)[name], value, _join(path, name))
         elif f.default is MISSING and f.default_factory is MISSING:
             _fail(_join(path, name), f"required field is missing ({f.metadata.get('help', '')})")
     return cls(**kwargs)

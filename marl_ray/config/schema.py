@@ -55,28 +55,90 @@ def _check_name(at: str, name: str) -> None:
 
 @spec
 class RewardSpec:
-    name: str = opt(help="Adapter name of this reward model; policies refer to it by this name.")
-    path: str = opt(help="Folder of the saved LoRA reward adapter.")
+    name: str = opt(help="Name of this reward; policies refer to it by this name.")
+    path: Optional[str] = opt(None, "A reward adapter: folder of a saved LoRA reward adapter with its score head "
+                              "(`marl-ray reward`, or TRL RewardTrainer's SEQ_CLS folder).")
+    function: Optional[str] = opt(
+        None, "A programmatic (verifiable) reward: 'my_pkg.tasks:exact_match' or 'path/to/task.py:exact_match', "
+        "called as fn(prompts, completions, **columns) -> one float (or None: not applicable) per completion, "
+        "as TRL's GRPOTrainer calls reward functions; columns are the prompt data's other fields. "
+        "`async def` functions are awaited.")
 
     def _check(self, at: str) -> None:
         _check_name(at, self.name)
+        if (self.path is None) == (self.function is None):
+            _fail(at, f"reward {self.name!r} needs exactly one of path (a reward adapter) or function (a "
+                  "programmatic reward)" + (", not both" if self.path else ""))
+
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
+GROUP_ALGORITHMS = ("grpo", "rloo")  # a group of num_generations completions per prompt is their baseline
 
 
 @spec
 class PolicySpec:
     name: str = opt(help="Adapter name of this policy (letters, digits, _ and -).")
-    reward: str = opt(help="Name of the reward adapter (one of rewards[].name) that scores this policy.")
-    reward_weight: float = opt(1.0, "Multiplier on the reward; negative pushes the policy towards lower reward.")
+    reward: tuple[str, ...] = opt(
+        help="Name(s) of the rewards (rewards[].name) that score this policy: one name or a list, summed with "
+        "reward_weights. At most one of them may be a reward adapter; any number may be functions.",
+        one_or_many=True)
+    reward_weight: float = opt(1.0, "Multiplier on the (total) reward; negative pushes the policy towards lower "
+                               "reward.")
+    reward_weights: tuple[float, ...] = opt((), "One weight per name in reward; empty = 1 for each.")
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = opt(
+        "ppo", "ppo = PPO with a value head and GAE; grpo = group-relative advantages (r - group mean, / group "
+        "std); rloo = leave-one-out baseline over the group; reinforce_pp = REINFORCE++ (token-level KL in the "
+        "reward, advantages normalised over the batch). grpo, rloo and reinforce_pp have no value head.")
+    num_generations: int = opt(1, "Completions per prompt (G). grpo and rloo need at least 2: the group is the "
+                               "baseline.", ge=1)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = opt(
+        "dapo", "grpo, rloo, reinforce_pp: how per-token losses are averaged: grpo = token mean per sequence, then "
+        "mean over sequences; dapo = mean over every token of the minibatch; dr_grpo = token sum / (sequences x "
+        "generation.max_new_tokens).")
+    scale_rewards: bool = opt(True, "grpo: divide the group-centred rewards by the group's std; false = Dr. GRPO.")
+    epsilon_low: float = opt(0.2, "grpo, rloo, reinforce_pp: the ratio is clipped below at 1 - epsilon_low.", gt=0,
+                             lt=1)
+    epsilon_high: Optional[float] = opt(
+        None, "grpo, rloo, reinforce_pp: the ratio is clipped above at 1 + epsilon_high (DAPO's clip-higher); "
+        "null = epsilon_low.", gt=0)
+    beta: float = opt(0.0, "grpo, rloo: weight of the KL to the reference (k3 estimator) as a loss term; 0 = no "
+                      "reference pass at all.", ge=0)
+    dynamic_sampling: bool = opt(False, "grpo, rloo: leave groups whose rewards are all equal (advantage 0) out of "
+                                 "the update; reward/frac_zero_std is logged either way.")
     lr: float = opt(1.41e-5, "Learning rate of this policy's LoRA weights and value head.", gt=0)
     lora: LoraSpec = opt(LoraSpec, "LoRA shape of this policy's adapter.")
-    init_kl_coef: float = opt(0.2, "Initial coefficient of the KL penalty against the reference.", ge=0)
+    init_kl_coef: float = opt(0.2, "ppo, reinforce_pp: initial coefficient of the KL penalty in the reward.", ge=0)
     adaptive_kl: bool = opt(True, "Adapt the KL coefficient towards target_kl; false = keep init_kl_coef.")
     target_kl: float = opt(6.0, "KL target of the adaptive KL controller.", gt=0)
     kl_horizon: int = opt(10000, "Horizon of the adaptive KL controller, in samples.", ge=1)
     init_from: Optional[str] = opt(None, "Saved policy folder (adapter + value head) to start from; null = fresh.")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.reward, str):  # one name, as in earlier configs
+            object.__setattr__(self, "reward", (self.reward,))
+
+    @property
+    def critic(self) -> bool:
+        """Whether this policy's algorithm has a value head."""
+        return self.algorithm == "ppo"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether its update reads reference logprobs (the KL penalty or loss term)."""
+        return self.algorithm in ("ppo", "reinforce_pp") or self.beta > 0
+
     def _check(self, at: str) -> None:
         _check_name(at, self.name)
+        if not self.reward:
+            _fail(_join(at, "reward"), "name at least one reward (rewards[].name)")
+        if len(set(self.reward)) != len(self.reward):
+            _fail(_join(at, "reward"), f"{list(self.reward)} names a reward twice")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            _fail(_join(at, "reward_weights"), f"{len(self.reward_weights)} weights for {len(self.reward)} rewards "
+                  f"{list(self.reward)}: give one per reward, or none")
+        if self.algorithm in GROUP_ALGORITHMS and self.num_generations < 2:
+            _fail(_join(at, "num_generations"), f"{self.algorithm} needs at least 2 completions per prompt (its "
+                  f"baseline is the group), got {self.num_generations}; e.g. num_generations: 4")
 
 
 @spec
@@ -179,8 +241,8 @@ class RunSpec:
 @spec
 class PPORunConfig:
     model: ModelSpec = opt(help="The shared base model.")
-    rewards: tuple[RewardSpec, ...] = opt((), "Reward adapters on the shared base.")
-    policies: tuple[PolicySpec, ...] = opt((), "Policy adapters trained with PPO, each with its own value head.")
+    rewards: tuple[RewardSpec, ...] = opt((), "Rewards: reward adapters on the shared base, or reward functions.")
+    policies: tuple[PolicySpec, ...] = opt((), "Policy adapters, each trained with its own algorithm.")
     generation: GenerationSpec = opt(GenerationSpec, "How responses are sampled.")
     ppo: PPOSpec = opt(PPOSpec, "PPO optimisation.")
     cluster: ClusterSpec = opt(ClusterSpec, "Ray cluster and actor placement.")
@@ -200,8 +262,14 @@ class PPORunConfig:
                 if s.name in used:
                     _fail(f"{path}.name", f"{s.name!r} is already the name of {used[s.name]}; names must be unique")
                 used[s.name] = path
-        rewards = [r.name for r in self.rewards]
+        rewards = {r.name: r for r in self.rewards}
         for i, p in enumerate(self.policies):
-            if p.reward not in rewards:
+            for name in p.reward:
+                if name not in rewards:
+                    _fail(_join(at, f"policies[{i}].reward"),
+                          f"{name!r} is not one of the rewards {list(rewards)}; add it under rewards or fix the name")
+            adapters = [n for n in p.reward if rewards[n].path is not None]
+            if len(adapters) > 1:
                 _fail(_join(at, f"policies[{i}].reward"),
-                      f"{p.reward!r} is not one of the reward adapters {rewards}; add it under rewards or fix the name")
+                      f"names {len(adapters)} reward adapters {adapters}: a policy takes at most one reward adapter "
+                      "(and any number of reward functions)")

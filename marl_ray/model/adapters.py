@@ -95,17 +95,23 @@ class AdapterRegistry(nn.Module):
         self.value_heads.requires_grad_(True)
         self.score_heads.requires_grad_(False)
 
-    def add_policy(self, name: str, lora_config, seed: int | None = None):
-        """A new trainable LoRA adapter and an fp32 value head (seeded init when `seed` is given)."""
+    def _new_value_head(self) -> nn.Linear:
+        head = nn.Linear(self.hidden_size, 1, dtype=torch.float32, device=self.device)
+        nn.init.normal_(head.weight, std=1.0 / (self.hidden_size + 1))
+        nn.init.zeros_(head.bias)
+        return head
+
+    def add_policy(self, name: str, lora_config, seed: int | None = None, value_head: bool = True):
+        """A new trainable LoRA adapter and, for an algorithm with a critic, an fp32 value head
+        (seeded init when `seed` is given)."""
         self._check_new_name(name, "policy")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             self._inject(name, lora_config)
-            head = nn.Linear(self.hidden_size, 1, dtype=torch.float32, device=self.device)
-            nn.init.normal_(head.weight, std=1.0 / (self.hidden_size + 1))
-            nn.init.zeros_(head.bias)
-        self.value_heads[name] = head
+            head = self._new_value_head() if value_head else None
+        if head is not None:
+            self.value_heads[name] = head
         self.roles[name] = "policy"
         self._refresh_grad_flags()
 
@@ -153,23 +159,23 @@ class AdapterRegistry(nn.Module):
                         self.quantization)
         return meta
 
-    def load_policy(self, name: str, path: str | Path):
-        """Load a policy folder written by `save_policy` (value head optional: fresh if absent)."""
+    def load_policy(self, name: str, path: str | Path, value_head: bool = True):
+        """Load a policy folder written by `save_policy`. value_head: give it one (the folder's, or a
+        fresh one where the folder has none); False: none (a critic-free algorithm)."""
         folder = resolve_folder(str(path), f"policy {name!r}")
         self._check_new_name(name, "policy")
         what = f"policy {name!r} ({folder})"
         self._check_base(folder, what)
         config, state = read_adapter(folder, what)
         lora, _ = split_score_head(state)
-        head = nn.Linear(self.hidden_size, 1, dtype=torch.float32, device=self.device)
-        nn.init.normal_(head.weight, std=1.0 / (self.hidden_size + 1))
-        nn.init.zeros_(head.bias)
-        if (folder / VALUE_HEAD_FILE).exists():
+        head = self._new_value_head() if value_head else None
+        if head is not None and (folder / VALUE_HEAD_FILE).exists():
             from safetensors.torch import load_file
 
             head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
         self._load_lora(name, "policy", config, lora, what)
-        self.value_heads[name] = head
+        if head is not None:
+            self.value_heads[name] = head
         self._refresh_grad_flags()
 
     def add_reward(self, name: str, path: str | Path):
@@ -206,7 +212,7 @@ class AdapterRegistry(nn.Module):
         self._refresh_grad_flags()
 
     def save_policy(self, name: str, folder: str | Path):
-        """Write policy `name` as a plain peft folder + value head, atomically."""
+        """Write policy `name` as a plain peft folder + value head (if it has one), atomically."""
         from safetensors.torch import save_file
 
         self._require(name, "policy")
@@ -214,21 +220,24 @@ class AdapterRegistry(nn.Module):
         with atomic_dir(folder) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS))
             routing.save_config(self.peft, name, str(tmp))
-            head = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[name].state_dict().items()}
-            save_file(head, str(tmp / VALUE_HEAD_FILE))
+            if name in self.value_heads:
+                head = {k: v.detach().contiguous().cpu() for k, v in self.value_heads[name].state_dict().items()}
+                save_file(head, str(tmp / VALUE_HEAD_FILE))
             meta = {"role": "policy", "name": name, "base_fingerprint": self.fingerprint,
                     "quantization": self.quantization, "dtype": str(self.base.dtype).replace("torch.", "")}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
     def policy_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of policy `name`: its LoRA weights and value head."""
+        """The trainable tensors of policy `name`: its LoRA weights and value head (if any)."""
         self._require(name, "policy")
-        return list(self._lora_params(name).values()) + list(self.value_heads[name].parameters())
+        head = list(self.value_heads[name].parameters()) if name in self.value_heads else []
+        return list(self._lora_params(name).values()) + head
 
     def policy_state(self, name: str) -> dict[str, torch.Tensor]:
         """Name -> tensor of everything trainable in policy `name` (for sync and checksums)."""
         state = dict(self._lora_params(name))
-        state.update({f"value_head.{k}": p for k, p in self.value_heads[name].named_parameters()})
+        if name in self.value_heads:
+            state.update({f"value_head.{k}": p for k, p in self.value_heads[name].named_parameters()})
         return state
 
     def _require(self, name: str, role: str):

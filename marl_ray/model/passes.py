@@ -147,6 +147,9 @@ class MultiAdapterModel(AdapterRegistry):
         return self.base.get_output_embeddings()(hidden_BTH.contiguous()).float()
 
     def values(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        """Value estimates of policy `name` (zeros for a policy without a value head: a critic-free one)."""
+        if name not in self.value_heads:
+            return hidden_BTH.new_zeros(hidden_BTH.shape[:-1], dtype=torch.float32)
         return self.value_heads[name](hidden_BTH.float()).squeeze(-1)
 
     def token_scores(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
@@ -185,52 +188,61 @@ class MultiAdapterModel(AdapterRegistry):
         return logprobs_from_logits(self.lm_logits(h), input_ids_BT[:, response_start:])
 
     @torch.no_grad()
-    def evaluate(self, input_ids_BT, attention_mask_BT, policies: Sequence[str], rewards: Sequence[str],
-                 response_start: int, rollout: RolloutScores | None = None) -> Evaluation:
+    def evaluate(self, input_ids_BT, attention_mask_BT, policies: Sequence[str], rewards: Sequence[str | None],
+                 response_start: int, rollout: RolloutScores | None = None,
+                 reference: Sequence[bool] | None = None) -> Evaluation:
         """Policy logprobs + values, reference logprobs and reward scores in ONE pass over the base.
 
-        Row b is scored under policy policies[b] and reward adapter rewards[b]; the batch is
-        stacked three times (policy rows, reference rows, reward rows) as a mixed-adapter batch.
-        `rollout`: the policy's logprobs, values and entropies from the decode steps
-        (`generate_scored`); the pass then has no policy rows.
+        Row b is scored under policy policies[b] and reward adapter rewards[b] (None: no adapter
+        reward, its score is NaN); the pass stacks the policy rows, the reference rows and the reward
+        rows as one mixed-adapter batch. `rollout`: the policy's logprobs, values and entropies from
+        the decode steps (`generate_scored`): then no policy rows. `reference[b]` False: no reference
+        row for b (its ref logprobs are 0), for an algorithm that does not use them; a batch that
+        needs none of the three runs no pass at all.
         """
         from marl_ray.train.ppo import logprobs_from_logits
 
         B = input_ids_BT.shape[0]
         for p in set(policies):
             self._require(p, "policy")
-        for r in set(rewards):
+        for r in set(rewards) - {None}:
             self._require(r, "reward")
         R = input_ids_BT.shape[1] - response_start
         if rollout is not None and rollout.logprobs_BR.shape != (B, R):
             raise ValueError(f"rollout scores of shape {tuple(rollout.logprobs_BR.shape)} for {B} rows of {R} "
                              "response tokens")
-        stacks = 2 if rollout is not None else 3
-        ids = input_ids_BT.repeat(stacks, 1)
-        mask = attention_mask_BT.repeat(stacks, 1)
-        # Only positions from response_start - 1 on are read: the response's logprobs and values,
-        # and the reward at each row's last real token (a response has at least one token).
-        s = response_start - 1
-        names = ([] if rollout is not None else list(policies)) + [REF] * B + list(rewards)
-        h = self.hidden(ids, mask, names, keep_from=s)
-        h_ref, h_rw = h[-2 * B:-B, :-1], h[-B:]
-        tokens_BR = input_ids_BT[:, response_start:]
-        ref_logprobs = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR)
-        scores = torch.empty(B, dtype=torch.float32, device=h.device)
-        last = last_token_index(attention_mask_BT) - s
+        last = last_token_index(attention_mask_BT) - (response_start - 1)
         if bool((last < 0).any()):
             raise ValueError("a row has no real token at or after response_start - 1: nothing to score")
-        for r in set(rewards):
-            rows = [i for i, q in enumerate(rewards) if q == r]
-            scores[rows] = self.token_scores(r, h_rw[rows, last[rows]])[:, 0]
+        pol_rows = [] if rollout is not None else list(range(B))
+        ref_rows = [b for b in range(B) if reference is None or reference[b]]
+        rw_rows = [b for b in range(B) if rewards[b] is not None]
+        rows = pol_rows + ref_rows + rw_rows
+        dev = input_ids_BT.device
+        tokens_BR = input_ids_BT[:, response_start:]
+        ref_logprobs = torch.zeros(B, R, dtype=torch.float32, device=dev)
+        scores = torch.full((B,), float("nan"), dtype=torch.float32, device=dev)
+        if rows:
+            # Only positions from response_start - 1 on are read: the response's logprobs and values,
+            # and the reward at each row's last real token (a response has at least one token).
+            idx = torch.tensor(rows, device=dev)
+            names = [policies[b] for b in pol_rows] + [REF] * len(ref_rows) + [rewards[b] for b in rw_rows]
+            h = self.hidden(input_ids_BT[idx], attention_mask_BT[idx], names, keep_from=response_start - 1)
+            n_pol, n_ref = len(pol_rows), len(ref_rows)
+            if ref_rows:
+                h_ref = h[n_pol:n_pol + n_ref, :-1]
+                ref_logprobs[ref_rows] = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR[ref_rows])
+            h_rw = h[n_pol + n_ref:]
+            for r in set(rewards) - {None}:
+                local = [i for i, b in enumerate(rw_rows) if rewards[b] == r]
+                batch_rows = [rw_rows[i] for i in local]
+                scores[batch_rows] = self.token_scores(r, h_rw[local, last[batch_rows]])[:, 0]
         if rollout is not None:
-            dev = h.device
             return Evaluation(rollout.logprobs_BR.to(dev), ref_logprobs, rollout.values_BR.to(dev), scores,
                               rollout.entropy_BR.to(dev))
         h_pol = h[:B, :-1]
         pol = self.policy_scores(list(policies), tokens_BR, self.lm_logits(h_pol), h_pol)
         return Evaluation(pol.logprobs_BR, ref_logprobs, pol.values_BR, scores, pol.entropy_BR)
-
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -64,16 +64,17 @@ class ModelHost:
             model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
             gradient_checkpointing=model.gradient_checkpointing, low_memory=True)
         for r in rewards:
-            self.model.add_reward(r.name, r.path)
+            if r.path is not None:  # reward functions run in the learner, not here
+                self.model.add_reward(r.name, r.path)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for i, p in enumerate(policies):
             if p.init_from:
-                self.model.load_policy(p.name, p.init_from)
+                self.model.load_policy(p.name, p.init_from, value_head=p.critic)
             else:
                 cfg = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                  target_modules=list(p.lora.target_modules))
                 # Same seed on every host: replicas start identical.
-                self.model.add_policy(p.name, cfg, seed=seed * 1000 + i)
+                self.model.add_policy(p.name, cfg, seed=seed * 1000 + i, value_head=p.critic)
             self.optimizers[p.name] = torch.optim.AdamW(
                 self.model.policy_parameters(p.name), lr=p.lr, eps=1e-8, weight_decay=0.0)
         self.sampler = self.model.sampler  # rollouts on the training model; or a vLLM engine:
@@ -156,7 +157,7 @@ class ModelHost:
         """
         dev = self.model.device
         ev = self.model.evaluate(req.input_ids.to(dev), req.attention_mask.to(dev), req.policies, req.rewards,
-                                 req.response_start, rollout=req.rollout)
+                                 req.response_start, rollout=req.rollout, reference=req.reference)
         return Evaluation(*(t.cpu() for t in (ev.logprobs_BR, ev.ref_logprobs_BR, ev.values_BR, ev.scores_B,
                                                 ev.entropy_BR)))
 
@@ -190,6 +191,8 @@ class ModelHost:
         mask = mb.mask.to(dev).float()
         logprobs, values, logits = self.model.policy_forward(
             policy, mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_start)
+        if loss_cfg.algorithm != "ppo":
+            return self._critic_free(trainable, mb, logprobs, logits, mask, total_tokens, loss_cfg)
         pg, pg_stats = ppo.policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
                                        cliprange=loss_cfg.cliprange)
         vf, vf_stats = ppo.value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask,
@@ -206,6 +209,33 @@ class ModelHost:
                  "policy/clipfrac": float(pg_stats["clipfrac"]) * share,
                  "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
                  "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
+        return grads, stats
+
+    def _critic_free(self, trainable: dict, mb: Minibatch, logprobs, logits, mask, total_tokens: float,
+                     loss_cfg: LossSettings):
+        """The clipped surrogate of grpo / rloo / reinforce_pp (no value loss), aggregated by loss_type
+        over the whole minibatch's normalisers: this shard's share of the minibatch loss."""
+        from marl_ray.train.algorithms import grpo
+
+        dev = self.model.device
+        ref = mb.ref_logprobs.to(dev) if (loss_cfg.beta > 0 and mb.ref_logprobs is not None) else None
+        per_token, st = grpo.per_token_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
+                                            loss_cfg.epsilon_low, loss_cfg.epsilon_high, ref_logprobs_BT=ref,
+                                            beta=loss_cfg.beta)
+        loss = grpo.aggregate(per_token, mask, loss_cfg.loss_type, n_seqs=loss_cfg.n_seqs, n_tokens=total_tokens,
+                              max_len=loss_cfg.max_len)
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
+        with torch.no_grad():
+            entropy = (ppo.entropy_from_logits(logits) * mask).sum()
+        # every statistic as this shard's share of the minibatch's token mean: the hosts' shares add up
+        stats = {"loss/policy": float(loss.detach()), "policy/entropy": float(entropy) / total_tokens,
+                 "policy/clipfrac": float(st["clip_region_sum"]) / total_tokens,
+                 "policy/clipfrac_low": float(st["clip_low_sum"]) / total_tokens,
+                 "policy/clipfrac_high": float(st["clip_high_sum"]) / total_tokens,
+                 "val/ratio": float(st["ratio_sum"]) / total_tokens}
+        if ref is not None:
+            stats["policy/kl_k3"] = float(st["kl_sum"]) / total_tokens
         return grads, stats
 
     def train_minibatch(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings,
@@ -249,9 +279,10 @@ class ModelHost:
     def role_checksum(self, name: str) -> str:
         """sha256 of adapter `name`'s LoRA tensors and its head (score head of a reward, value head of a
         policy), bit-exact, in name order: shows an adapter left untouched by training."""
-        head = self.model.score_heads[name] if name in self.model.score_heads else self.model.value_heads[name]
+        heads = {**self.model.score_heads, **self.model.value_heads}
         tensors = dict(self.model._lora_params(name))
-        tensors.update({f"head.{k}": v for k, v in head.named_parameters()})
+        if name in heads:
+            tensors.update({f"head.{k}": v for k, v in heads[name].named_parameters()})
         return _digest(tensors)
 
     def base_checksum(self) -> str:
@@ -288,7 +319,7 @@ class ModelHost:
         from safetensors.torch import load as load_safetensors
 
         lora = load_safetensors(files[ADAPTER_WEIGHTS])
-        head = load_safetensors(files[VALUE_HEAD_FILE])
+        head = load_safetensors(files[VALUE_HEAD_FILE]) if VALUE_HEAD_FILE in files else {}
         params = self.model.policy_state(policy)
         with torch.no_grad():
             for k, p in params.items():

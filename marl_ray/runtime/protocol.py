@@ -32,6 +32,8 @@ class RolloutPart:
     prompts: list[list[int]]  # (N,) token ids of each row's prompt
     policies: list[str]  # (N,) the policy that answers each row
     samples: list[Any]  # Samples, or ObjectRefs to them, in row order
+    texts: list[str | None] = field(default_factory=list)  # (N,) the prompt's text (None: given as token ids)
+    columns: list[dict] = field(default_factory=list)  # (N,) the prompt row's other fields (for reward functions)
 
 
 @dataclass
@@ -41,25 +43,34 @@ class EvalRequest:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     policies: list[str]  # (B,)
-    rewards: list[str]  # (B,) reward adapter of each row
+    rewards: list[str | None]  # (B,) reward adapter of each row; None: none (its score is NaN)
     response_start: int  # P
     rollout: RolloutScores | None = None  # decode-step scores: no policy rows in the pass
+    reference: list[bool] | None = None  # (B,) False: no reference row (ref logprobs 0); None: all
 
     def rows(self, sl: slice) -> "EvalRequest":
         roll = None if self.rollout is None else RolloutScores(
             self.rollout.logprobs_BR[sl], self.rollout.values_BR[sl], self.rollout.entropy_BR[sl])
+        ref = None if self.reference is None else self.reference[sl]
         return EvalRequest(self.input_ids[sl], self.attention_mask[sl], self.policies[sl], self.rewards[sl],
-                           self.response_start, roll)
+                           self.response_start, roll, ref)
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What a host needs to compute a PPO minibatch loss."""
+    """What a host needs to compute its shard's share of a minibatch loss of one policy."""
 
     cliprange: float
     cliprange_value: float
     vf_coef: float
     micro_batch_size: int | None = None  # rows per forward/backward chunk; None = the whole shard
+    algorithm: str = "ppo"  # ppo: clipped surrogate + value loss; otherwise critic-free (train/algorithms)
+    loss_type: str = "dapo"  # critic-free: grpo | dapo | dr_grpo (see algorithms.grpo.aggregate)
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0  # critic-free: weight of the k3 KL to the reference in the loss
+    n_seqs: int = 0  # the whole minibatch's sequences (critic-free normaliser)
+    max_len: int = 0  # generation.max_new_tokens (dr_grpo's normaliser)
 
 
 @dataclass
@@ -74,14 +85,16 @@ class Minibatch:
     old_values: torch.Tensor  # (B, R)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor | None = None  # (B, R), for a loss with a KL term (critic-free, beta > 0)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def chunk(self, lo: int, hi: int) -> "Minibatch":
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[lo:hi]
         return Minibatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.response_start,
                          self.mask[lo:hi], self.old_logprobs[lo:hi], self.old_values[lo:hi],
-                         self.advantages[lo:hi], self.returns[lo:hi])
+                         self.advantages[lo:hi], self.returns[lo:hi], ref)
 
 
 @dataclass

@@ -18,14 +18,21 @@ log = logging.getLogger(__name__)
 def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list:
     """The prompts: the embedded domain's training openings, or the rows of a JSONL file, each
     with a "prompt" text or pre-tokenized "input_ids" (a list of token ids, used as given)."""
+    return load_prompt_rows(source, seed, n)[0]
+
+
+def load_prompt_rows(source: str, seed: int = 0, n: int = 20000) -> tuple[list, list[dict]]:
+    """(prompts, columns): as `load_prompts`, and each row's other fields (e.g. an `answer` that a
+    reward function checks completions against); the embedded domain has none."""
     if source == "embedded":
         from marl_ray.data.domain import prompts
 
-        return prompts(n, seed=seed, split="train")
+        texts = prompts(n, seed=seed, split="train")
+        return texts, [{} for _ in texts]
     from marl_ray.data.domain import read_jsonl
 
     rows = read_jsonl(source)
-    out = []
+    out, columns = [], []
     for i, r in enumerate(rows, 1):
         if isinstance(r, dict) and isinstance(r.get("input_ids"), list):
             out.append([int(t) for t in r["input_ids"]])
@@ -33,9 +40,10 @@ def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list:
             out.append(str(r["prompt"]))
         else:
             raise ValueError(f"{source}: row {i} has neither a 'prompt' text nor an 'input_ids' list")
+        columns.append({k: v for k, v in r.items() if k not in ("prompt", "input_ids")})
     if not out:
         raise ValueError(f"{source}: no prompts in the file")
-    return out
+    return out, columns
 
 
 class RolloutWorker:
@@ -46,9 +54,10 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        texts = load_prompts(prompts, seed=seed)
+        texts, columns = load_prompt_rows(prompts, seed=seed)
         self.ids = [i for i in range(len(texts)) if i % num_workers == worker_index]
         self.texts = {i: texts[i] for i in self.ids}
+        self.columns = {i: columns[i] for i in self.ids}
         self.max_prompt_tokens = max_prompt_tokens
         self.worker_index = worker_index
         self.position = 0  # index into self.ids of the next prompt to hand out
@@ -103,14 +112,17 @@ class RolloutWorker:
         return out
 
     def rollout(self, host, n: int, policies: list[str], settings, seed: int) -> RolloutPart:
-        """Take n prompts and have `host` answer each under every policy (N = n * len(policies) rows).
+        """Take n prompts and have `host` answer each under every policy in `policies` (N = n * len(policies)
+        rows; a policy named G times answers each prompt G times: a group).
 
         The samples are returned as the host's result (a reference to it on Ray): they go from the
         host to whoever reads them, not through this worker."""
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
         ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed)
-        return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref])
+        texts = [self.texts[pid] if isinstance(self.texts[pid], str) else None for pid, _, _ in rows]
+        return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref],
+                           texts, [self.columns[pid] for pid, _, _ in rows])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of `texts` as prompts (BOS added, truncated like the stream's prompts)."""

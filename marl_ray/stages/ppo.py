@@ -21,6 +21,8 @@ def check_inputs(cfg: PPORunConfig):
     if local(cfg.model.base) and not Path(cfg.model.base).expanduser().exists():
         raise ConfigError(f"model.base: {cfg.model.base!r} does not exist")
     for i, r in enumerate(cfg.rewards):
+        if r.path is None:
+            continue
         if local(r.path) and not Path(r.path).expanduser().exists():
             raise ConfigError(f"rewards[{i}].path: {r.path!r} does not exist (train one with `marl-ray reward`)")
         folder = Path(r.path).expanduser()
@@ -39,13 +41,21 @@ def check_inputs(cfg: PPORunConfig):
     if cfg.data.prompts != "embedded" and not Path(cfg.data.prompts).exists():
         raise ConfigError(f"data.prompts: {cfg.data.prompts!r} does not exist (a JSONL file with a 'prompt' field, "
                           "or 'embedded')")
+    columns: list[str] = []
     if cfg.data.prompts != "embedded":  # a malformed line fails here (named), not inside a rollout worker
-        from marl_ray.runtime.rollout import load_prompts
+        from marl_ray.runtime.rollout import load_prompt_rows
 
         try:
-            load_prompts(cfg.data.prompts)
+            _, rows = load_prompt_rows(cfg.data.prompts)
         except ValueError as e:
             raise ConfigError(f"data.prompts: {e}") from None
+        columns = sorted({k for r in rows for k in r})
+    from marl_ray.train import rewards
+
+    for i, r in enumerate(cfg.rewards):  # importable, callable as fn(prompts, completions, **columns)
+        if r.function is not None:
+            field = f"rewards[{i}].function"
+            rewards.check_function(rewards.RewardFunction.from_spec(r.name, r.function, field), field, columns)
 
 
 def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=None, on_start=None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,13 +25,17 @@ from marl_ray.model.sampling import SamplingSettings
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, RolloutScores
+from marl_ray.train import advantages as adv_math
 from marl_ray.train import ppo, resilience
+from marl_ray.train import rewards as reward_fns
+from marl_ray.train.advantages import PolicyAdvantages
 from marl_ray.train.resilience import ActorRestarted, HostLost
+from marl_ray.train.rewards import RewardFunctionError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "PolicyAdvantages", "Learner", "NonFiniteError", "ReplicaDivergence", "ActorRestarted",
-           "HostLost", "rollout_scored"]
+           "HostLost", "RewardFunctionError", "rollout_scored"]
 
 
 @dataclass
@@ -45,24 +49,12 @@ class Batch:
     policies: list[str]
     prompt_ids: list[int]
     rollout: RolloutScores | None = None  # the decode steps' scores (ppo.rollout_logprobs), else None
+    group_ids: list[int] = field(default_factory=list)  # (N,) rows of one prompt under one policy share one
+    texts: list = field(default_factory=list)  # (N,) each row's prompt text (None: given as token ids)
+    columns: list[dict] = field(default_factory=list)  # (N,) each row's prompt fields (for reward functions)
 
     def rows(self, policy: str) -> list[int]:
         return [i for i, p in enumerate(self.policies) if p == policy]
-
-
-@dataclass
-class PolicyAdvantages:
-    """One policy's rows of a batch after the reward, the KL penalty and GAE (R = response length)."""
-
-    rows: list[int]  # indices into the batch
-    mask: torch.Tensor  # (n, R) response mask
-    scores: torch.Tensor  # (n,) reward x reward_weight
-    raw_scores: torch.Tensor  # (n,) the reward as the reward adapter gave it
-    kl: torch.Tensor  # (n, R) per-token KL estimate
-    kl_coef: float
-    advantages: torch.Tensor  # (n, R)
-    returns: torch.Tensor  # (n, R)
-    finite: bool  # False: a NaN/inf somewhere: this policy's update is skipped this step
 
 
 def rollout_scored(cfg) -> bool:
@@ -109,15 +101,24 @@ class Learner:
         # with rollout_scored, hosts return the decode steps' logprobs and values
         self.sampling = SamplingSettings.from_config(cfg.generation, scored=rollout_scored(cfg))
         g = cfg.ppo
-        self.loss = LossSettings(g.cliprange, g.cliprange_value, g.vf_coef, g.micro_batch_size)
+        self.loss = {p.name: LossSettings(
+            g.cliprange, g.cliprange_value, g.vf_coef, g.micro_batch_size, algorithm=p.algorithm, loss_type=p.loss_type,
+            epsilon_low=p.epsilon_low, epsilon_high=p.epsilon_low if p.epsilon_high is None else p.epsilon_high,
+            beta=p.beta, max_len=cfg.generation.max_new_tokens) for p in cfg.policies}
+        # a policy named G times answers each prompt G times (a group, for grpo and rloo)
+        self.rollout_policies = [p.name for p in cfg.policies for _ in range(p.num_generations)]
+        kinds = {r.name: r for r in cfg.rewards}
+        self.adapter = {p.name: next((r for r in p.reward if kinds[r].path is not None), None) for p in cfg.policies}
+        self.reward_fns = {r.name: reward_fns.RewardFunction.from_spec(r.name, r.function, f"rewards[{i}].function")
+                           for i, r in enumerate(cfg.rewards) if r.function is not None}
 
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:
         """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
         shares = [len(r) for r in split(self.cfg.ppo.batch_size, len(self.workers))]
         seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
-        parts = get([self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.policies, self.sampling,
-                                                    seed + w * 7919)
+        parts = get([self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.rollout_policies,
+                                                    self.sampling, seed + w * 7919)
                      for w, k in enumerate(shares)])  # in worker order: deterministic for a seed
         samples = [get(ref) for part in parts for ref in part.samples]  # from the hosts, not via the workers
         prompts = [p for part in parts for p in part.prompts]
@@ -133,45 +134,92 @@ class Learner:
         if all(s.scores is not None for s in samples):  # the decode steps' logprobs/values: no policy pass
             rollout = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples])
                                       for f in ("logprobs_BR", "values_BR", "entropy_BR")))
+        policies = [p for part in parts for p in part.policies]
+        groups: dict[tuple, int] = {}  # (worker, prompt position in its share, policy) -> group id
+        group_ids = []
+        for part in parts:
+            for i, pol in enumerate(part.policies):
+                group_ids.append(groups.setdefault((part.worker, i // len(self.rollout_policies), pol), len(groups)))
         return Batch(
             input_ids=torch.cat([prompt_ids, resp], 1), attention_mask=torch.cat([prompt_mask, rmask], 1),
-            response_mask=rmask, response_start=P, policies=[p for part in parts for p in part.policies],
-            prompt_ids=[i for part in parts for i in part.prompt_ids], rollout=rollout)
+            response_mask=rmask, response_start=P, policies=policies,
+            prompt_ids=[i for part in parts for i in part.prompt_ids], rollout=rollout, group_ids=group_ids,
+            texts=[t for part in parts for t in part.texts], columns=[c for part in parts for c in part.columns])
 
     def evaluate(self, batch: Batch) -> Evaluation:
-        """Policy logprobs + values, reference logprobs and rewards of every row, the rows split over the
-        hosts (no policy rows in the pass when the rollout brought the decode steps' scores)."""
-        rewards = [self.spec[p].reward for p in batch.policies]
+        """Policy logprobs + values, reference logprobs and reward-adapter scores of every row, the rows
+        split over the hosts. A pass has no policy rows when the rollout brought the decode steps'
+        scores, no reference row for a policy that does not read them (grpo/rloo with beta 0), no
+        reward row for a policy scored by functions alone."""
+        rewards = [self.adapter[p] for p in batch.policies]
+        reference = [self.spec[p].uses_reference for p in batch.policies]
         return self.hosts.evaluate(EvalRequest(batch.input_ids, batch.attention_mask, batch.policies, rewards,
-                                               batch.response_start, batch.rollout))
+                                               batch.response_start, batch.rollout,
+                                               None if all(reference) else reference))
+
+    def rewards(self, batch: Batch, ev: Evaluation) -> tuple[torch.Tensor, dict[str, dict]]:
+        """Each row's total reward (before reward_weight) and, per policy, each reward's mean and std.
+
+        A reward adapter's score comes from `ev`; a reward function is called here, on the decoded
+        completions, with the prompt rows' other fields as keyword columns."""
+        if not self.reward_fns:  # reward adapters alone: one adapter per policy
+            return ev.scores_B, {p: {} for p in self.policies}
+
+        completions = get(self.workers[0].decode.remote(
+            [batch.input_ids[i, batch.response_start:][batch.response_mask[i].bool()].tolist()
+             for i in range(len(batch.policies))]))
+        prompts = batch.texts
+        if any(t is None for t in prompts):
+            decoded = get(self.workers[0].decode.remote(
+                [batch.input_ids[i, :batch.response_start][batch.attention_mask[i, :batch.response_start].bool()]
+                 .tolist() for i in range(len(batch.policies))]))
+            prompts = [t if t is not None else d for t, d in zip(prompts, decoded)]
+        total = torch.zeros(len(batch.policies))
+        stats = {}
+        for p in self.policies:
+            rows = batch.rows(p)
+            values = {}
+            for name in self.spec[p].reward:
+                if name in self.reward_fns:
+                    keys = sorted({k for i in rows for k in batch.columns[i]})
+                    cols = {k: [batch.columns[i].get(k) for i in rows] for k in keys}
+                    got = self.reward_fns[name]([prompts[i] for i in rows], [completions[i] for i in rows], cols,
+                                                step=self.step)
+                    values[name] = torch.tensor(got, dtype=torch.float32)
+                else:
+                    values[name] = ev.scores_B[rows].float()
+            spec = self.spec[p]
+            weights = dict(zip(spec.reward, spec.reward_weights or (1.0,) * len(spec.reward)))
+            total[rows], stats[p] = reward_fns.combine(values, weights)
+        return total, stats
 
     def advantages(self, batch: Batch, ev: Evaluation) -> dict[str, PolicyAdvantages]:
-        """Per policy: KL-penalised rewards, GAE advantages (whitened) and returns."""
+        """Per policy: its total reward, then the advantages of its algorithm (train/advantages.py)."""
+        totals, reward_stats = self.rewards(batch, ev)
         out = {}
         g = self.cfg.ppo
         for p in self.policies:
             rows = batch.rows(p)
-            mask = batch.response_mask[rows].float()
-            scores = ev.scores_B[rows] * self.spec[p].reward_weight
-            coef = self.kl_ctl[p].value
-            rewards, kl = ppo.rewards_with_kl(scores, ev.logprobs_BR[rows], ev.ref_logprobs_BR[rows], mask,
-                                              coef, kind=g.kl_penalty)
-            adv, ret = ppo.gae(rewards, ev.values_BR[rows], mask, gamma=g.gamma, lam=g.lam)
-            if g.whiten_advantages:
-                adv = ppo.masked_whiten(adv, mask)
-            finite = all(bool(torch.isfinite(x[mask.bool()]).all()) for x in (rewards, adv, ret)) and bool(
-                torch.isfinite(scores).all())
-            out[p] = PolicyAdvantages(rows, mask, scores, ev.scores_B[rows], kl, coef, adv, ret, finite)
+            spec = self.spec[p]
+            a = adv_math.compute(spec, totals[rows] * spec.reward_weight, totals[rows], ev.logprobs_BR[rows],
+                                 ev.ref_logprobs_BR[rows], ev.values_BR[rows], batch.response_mask[rows],
+                                 self.kl_ctl[p].value, [batch.group_ids[i] for i in rows] if batch.group_ids else [],
+                                 g.gamma, g.lam, g.whiten_advantages, g.kl_penalty)
+            a.rows = rows
+            a.extra = {**(a.extra or {}), **reward_stats[p]}
+            out[p] = a
         return out
 
     def minibatch(self, batch: Batch, ev: Evaluation, a: PolicyAdvantages, local: list[int]) -> Minibatch:
         """Rows a.rows[local] of a policy as a minibatch (local: indices into the policy's rows)."""
         sel = [a.rows[i] for i in local]
+        ref = ev.ref_logprobs_BR[sel] if self.spec[batch.policies[sel[0]]].beta > 0 else None
         return Minibatch(batch.input_ids[sel], batch.attention_mask[sel], batch.response_start, a.mask[local],
-                         ev.logprobs_BR[sel], ev.values_BR[sel], a.advantages[local], a.returns[local])
+                         ev.logprobs_BR[sel], ev.values_BR[sel], a.advantages[local], a.returns[local], ref)
 
     def train(self, batch: Batch, ev: Evaluation, adv: dict[str, PolicyAdvantages]) -> dict[str, dict]:
-        """PPO epochs; each minibatch's rows are split over the hosts, gradients summed, one step everywhere."""
+        """ppo_epochs passes; each minibatch's rows (mini_batch_size prompts x num_generations) are split
+        over the hosts, gradients summed, one step everywhere."""
         g = self.cfg.ppo
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
         stats = {p: [] for p in self.policies}
@@ -187,11 +235,16 @@ class Learner:
                 for p in self.policies:
                     if skipped[p]:
                         continue
-                    local = perms[p][start:start + g.mini_batch_size]
-                    total = float(adv[p].mask[local].sum().clamp(min=1))
+                    G = self.spec[p].num_generations
+                    local = perms[p][start * G:(start + g.mini_batch_size) * G]
+                    mask = adv[p].mask[local]
+                    if not bool(mask.any()):  # every row left out (dynamic sampling): nothing to learn from
+                        continue
+                    total = float(mask.sum().clamp(min=1))
+                    loss = replace(self.loss[p], n_seqs=int((mask.sum(1) > 0).sum()))
                     shards = [self.minibatch(batch, ev, adv[p], [local[i] for i in s])
                               for s in split(len(local), len(self.hosts))]
-                    pending[p] = self.hosts.submit(p, shards, total, self.loss, g.max_grad_norm)
+                    pending[p] = self.hosts.submit(p, shards, total, loss, g.max_grad_norm)
                 for p, handle in pending.items():
                     result = self.hosts.finish(p, handle, g.max_grad_norm, f"step {self.step}")
                     if result.applied:
@@ -231,9 +284,11 @@ class Learner:
                 "objective/scores": float(a.raw_scores.mean()),
                 "objective/rlhf_reward": float(a.scores.mean() - a.kl_coef * kl_seq.mean()),
                 "objective/kl_coef": float(a.kl_coef),
-                "val/mean": float(ppo.masked_mean(ev.values_BR[a.rows], a.mask)),
-                "returns/mean": float(ppo.masked_mean(a.returns, a.mask)),
             }
+            if self.spec[p].critic:
+                m.update({"val/mean": float(ppo.masked_mean(ev.values_BR[a.rows], a.mask)),
+                          "returns/mean": float(ppo.masked_mean(a.returns, a.mask))})
+            m.update(a.extra or {})
             m.update(train_stats[p])
             if a.finite:
                 self.kl_ctl[p].update(float(kl_seq.mean()), self.cfg.ppo.batch_size)
@@ -370,7 +425,18 @@ class Learner:
         try:
             snap = None if self.local else resilience.take_snapshot(self)
             while self.step < end:
-                metrics, snap = resilience.run_step(self, self.run_step, snap, max_step_retries)
+                before = self.state() if snap is None and self.reward_fns else None
+                try:
+                    metrics, snap = resilience.run_step(self, self.run_step, snap, max_step_retries)
+                except RewardFunctionError as e:
+                    # the step failed before any update: back to its start, which is the last good state
+                    if snap is not None:
+                        resilience.recover(self, snap)
+                    else:
+                        self.set_state(before)
+                    path = self.save_checkpoint()
+                    raise RewardFunctionError(f"{e}; the run stopped, its last good state (step {self.step}) is "
+                                              f"saved to {path}") from e
                 self.history.append({"step": self.step - 1, "metrics": metrics})
                 if self.logger is not None:
                     self.logger.log(self.step - 1, metrics)

@@ -149,7 +149,7 @@ def test_override_errors(cfg_file):
     (["cluster.num_hosts=0"], "cluster.num_hosts: 0 must be >= 1"),
     (["cluster.host_num_gpus=-1"], "cluster.host_num_gpus: -1.0 must be >= 0"),
     (["model.base=''"], "model.base: must not be empty"),
-    (["policies[1].reward=rm2"], "policies[1].reward: 'rm2' is not one of the reward adapters ['rm']"),
+    (["policies[1].reward=rm2"], "policies[1].reward: 'rm2' is not one of the rewards ['rm']"),
     (["policies[1].name=alice"], "policies[1].name: 'alice' is already the name of policies[0]"),
     (["policies[0].name=rm"], "policies[0].name: 'rm' is already the name of rewards[0]"),
     (["policies[0].name=my policy"], "policies[0].name: 'my policy' is not a safe name"),

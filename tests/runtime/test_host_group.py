@@ -7,6 +7,8 @@ are caught."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def _update(group, learner, batch, ev, adv, policy, nan=False):
     shards = [learner.minibatch(batch, ev, adv[policy], [local[i] for i in s]) for s in split(len(local), len(group))]
     if nan:
         shards[-1].advantages[:] = float("nan")
-    pending = group.submit(policy, shards, total, learner.loss, 1.0)
+    pending = group.submit(policy, shards, total, learner.loss[policy], 1.0)
     return group.finish(policy, pending, 1.0)
 
 
@@ -105,5 +107,48 @@ def test_diverged_replicas_are_caught(setup):
 def _req(learner, b):
     from marl_ray.runtime.protocol import EvalRequest
 
-    return EvalRequest(b.input_ids, b.attention_mask, b.policies, [learner.spec[p].reward for p in b.policies],
+    return EvalRequest(b.input_ids, b.attention_mask, b.policies, [learner.adapter[p] for p in b.policies],
                        b.response_start, b.rollout)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_a_split_critic_free_update_is_the_single_host_update(tmp_path_factory, loss_type):
+    """A grpo policy (no value head, k3 KL term): each loss type's minibatch of 9 completions split
+    over two hosts (unequal shards: 5 and 4 rows) gives the single host's update."""
+    from marl_ray.runtime.host import ModelHost
+    from marl_ray.runtime.placement import start_inprocess
+    from marl_ray.train.loop import Learner
+
+    assets = ru.build_assets(tmp_path_factory.mktemp("cf_group"))
+    cfg = ru.load({**ru.run_config(assets, tmp_path_factory.mktemp("cf_out"), generation={"max_new_tokens": 5},
+                                   ppo={"batch_size": 3, "mini_batch_size": 3}),
+                   "policies": [{"name": "g", "reward": "rm", "algorithm": "grpo", "num_generations": 3,
+                                 "beta": 0.1, "loss_type": loss_type, "lr": 1e-2, "lora": {"r": 4, "alpha": 8}}]})
+    actors = start_inprocess(cfg, seed=0)
+    second = LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0, host_index=1))
+    one, two = HostGroup(actors.hosts, local=True), HostGroup([actors.hosts[0], second], local=True)
+    learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host)
+    assert "g" not in second._obj.model.value_heads
+    batch = learner.rollout()
+    ev = one.evaluate(_req(learner, batch))
+    adv = learner.advantages(batch, ev)
+    with torch.no_grad():  # move the policy off its start so that ratios differ from 1 and clipping happens
+        for p in one.hosts[0]._obj.model.policy_state("g").values():
+            p.add_(torch.randn_like(p) * 0.05)
+    moved = one.hosts[0]._obj.get_state("g")
+    results, weights = [], []
+    for group in (one, two):
+        group.set_state("g", moved)
+        local = list(range(len(adv["g"].rows)))
+        mask = adv["g"].mask[local]
+        loss = dataclasses.replace(learner.loss["g"], n_seqs=int((mask.sum(1) > 0).sum()))
+        shards = [learner.minibatch(batch, ev, adv["g"], [local[i] for i in s]) for s in split(len(local), len(group))]
+        results.append(group.finish("g", group.submit("g", shards, float(mask.sum()), loss, 1.0), 1.0))
+        weights.append(group.hosts[0]._obj.get_state("g").weights)
+    assert results[0].applied and results[1].applied
+    for k in results[0].stats:
+        assert results[1].stats[k] == pytest.approx(results[0].stats[k], rel=1e-5, abs=1e-7), k
+    assert results[0].stats["policy/kl_k3"] > 0
+    for k, w in weights[0].items():
+        torch.testing.assert_close(weights[1][k], w, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(w, moved.weights[k]) or "lora_A" in k
