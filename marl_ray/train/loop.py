@@ -372,42 +372,6 @@ class Learner:
         log.info("resumed from %s (step %d)", path, self.step)
         return path
 
-    # ------------------------------------------------------------ lost nodes
-    def drop_hosts(self, gone: list[int], snap: "resilience.Snapshot"):
-        """Hosts `gone` were on nodes that left the cluster. The hosts left restore `snap`; the rollout
-        workers of a lost host are made anew on a node left and resume the stream where `snap` has
-        them. With `cluster.num_hosts` fixed: a checkpoint of `snap`, then HostLost naming the nodes.
-        Otherwise the run goes on with the hosts left (each minibatch split over fewer hosts)."""
-        nodes = [self.host_nodes[i] for i in gone]
-        keep = [i for i in range(len(self.hosts)) if i not in gone]
-        if not keep:
-            raise HostLost(f"every model host is gone (nodes {nodes}); resume from the last checkpoint")
-        if self.respawn_worker is None and any(h in gone for h in self.worker_host):
-            raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone, and their rollout workers cannot be "
-                           "started anew here")
-        self.hosts = HostGroup([self.hosts[i] for i in keep], self.local)
-        self.host_nodes = [self.host_nodes[i] for i in keep]
-        moved = []
-        for w, h in enumerate(self.worker_host):
-            if h in gone:
-                self.worker_host[w] = w % len(keep)
-                self.workers[w] = self.respawn_worker(w, self.host_nodes[self.worker_host[w]])
-                moved.append(w)
-            else:
-                self.worker_host[w] = keep.index(h)
-        if self.cfg.cluster.num_hosts is not None:
-            for p, st in snap.policies.items():
-                self.hosts.set_state(p, st, "restoring the last good state")
-            self._actor_pids = None
-            path = self.save_checkpoint(state=snap.learner)
-            raise HostLost(
-                f"model host(s) {gone} on node(s) {nodes} are gone for good and cluster.num_hosts="
-                f"{self.cfg.cluster.num_hosts} asks for a fixed number of hosts: the last good state (step "
-                f"{snap.learner['step']}) is saved to {path}. Resume with run.resume=latest once the cluster has "
-                "the nodes, or set cluster.num_hosts: null to go on with the hosts left.")
-        log.warning("model host(s) %s on node(s) %s are gone for good: going on with %d host(s); rollout "
-                    "worker(s) %s started anew", gone, nodes, len(keep), moved)
-
     # ------------------------------------------------------------ fit
     def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
         """Run steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each.

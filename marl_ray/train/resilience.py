@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from marl_ray.runtime.handles import get
+from marl_ray.runtime.host_group import HostGroup
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,13 @@ def lost_hosts(learner) -> list[int]:
 def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
     """Wait for restarted actors, then put every host and worker back to the snapshot.
 
-    Hosts on a node that is gone are handled first (`learner.drop_hosts`): dropped, with their
+    Hosts on a node that is gone are handled first (`drop_lost_hosts`): dropped, with their
     rollout workers moved to the nodes left, or, with a fixed number of hosts, `HostLost`."""
     deadline = time.monotonic() + timeout_s
     while True:
         gone = lost_hosts(learner)
         if gone:
-            learner.drop_hosts(gone, snap)
+            drop_lost_hosts(learner, gone, snap)
         try:
             for i, h in enumerate(learner.hosts.hosts):
                 _wait_for(h.info, min(deadline, time.monotonic() + 10.0), f"host {i}", timeout_s)
@@ -158,3 +159,39 @@ def save(learner, save_fn, snap: Snapshot | None, retries: int = 2):
             history = list(learner.history)  # `snap` was read before this step's metrics were added
             recover(learner, snap)
             learner.history = history
+
+
+def drop_lost_hosts(learner, gone: list[int], snap: Snapshot):
+    """Hosts `gone` were on nodes that left the cluster. The hosts left restore `snap`; the rollout
+    workers of a lost host are made anew on a node left and resume the stream where `snap` has
+    them. With `cluster.num_hosts` fixed: a checkpoint of `snap`, then HostLost naming the nodes.
+    Otherwise the run goes on with the hosts left (each minibatch split over fewer hosts)."""
+    nodes = [learner.host_nodes[i] for i in gone]
+    keep = [i for i in range(len(learner.hosts)) if i not in gone]
+    if not keep:
+        raise HostLost(f"every model host is gone (nodes {nodes}); resume from the last checkpoint")
+    if learner.respawn_worker is None and any(h in gone for h in learner.worker_host):
+        raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone, and their rollout workers cannot be "
+                       "started anew here")
+    learner.hosts = HostGroup([learner.hosts[i] for i in keep], learner.local)
+    learner.host_nodes = [learner.host_nodes[i] for i in keep]
+    moved = []
+    for w, h in enumerate(learner.worker_host):
+        if h in gone:
+            learner.worker_host[w] = w % len(keep)
+            learner.workers[w] = learner.respawn_worker(w, learner.host_nodes[learner.worker_host[w]])
+            moved.append(w)
+        else:
+            learner.worker_host[w] = keep.index(h)
+    if learner.cfg.cluster.num_hosts is not None:
+        for p, st in snap.policies.items():
+            learner.hosts.set_state(p, st, "restoring the last good state")
+        learner._actor_pids = None
+        path = learner.save_checkpoint(state=snap.learner)
+        raise HostLost(
+            f"model host(s) {gone} on node(s) {nodes} are gone for good and cluster.num_hosts="
+            f"{learner.cfg.cluster.num_hosts} asks for a fixed number of hosts: the last good state (step "
+            f"{snap.learner['step']}) is saved to {path}. Resume with run.resume=latest once the cluster has "
+            "the nodes, or set cluster.num_hosts: null to go on with the hosts left.")
+    log.warning("model host(s) %s on node(s) %s are gone for good: going on with %d host(s); rollout "
+                "worker(s) %s started anew", gone, nodes, len(keep), moved)
