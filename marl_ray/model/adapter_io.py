@@ -40,16 +40,42 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     loads of the same checkpoint agree, while a fine-tuned or different base does not).
     Large vocabularies are subsampled to ~1M values to keep this fast.
     """
-    cfg = model.config
+    return _fingerprint(model.config, model.get_input_embeddings().weight.detach())
+
+
+def _fingerprint(cfg, emb: torch.Tensor) -> str:
     arch = {k: getattr(cfg, k, None) for k in (
         "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size")}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-    emb = model.get_input_embeddings().weight.detach()
     stride = max(1, emb.shape[0] * emb.shape[1] // (1 << 20))
     rows = emb[::stride].to(torch.bfloat16).contiguous().view(torch.int16)
     h.update(rows.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+_EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def folder_fingerprint(folder: str | Path) -> str | None:
+    """`base_fingerprint` of a local model folder without loading the model: its config and the input
+    embedding read from its safetensors files. None where that cannot be read (no config, no
+    safetensors, an embedding of an unknown name)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    try:
+        cfg = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            key = next((k for k in f.keys() if k.endswith(_EMBEDDING_KEYS)), None)
+            if key is not None:
+                return _fingerprint(cfg, f.get_tensor(key))
+    return None
 
 
 def read_meta(folder: str | Path) -> dict:

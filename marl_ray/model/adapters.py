@@ -153,11 +153,37 @@ class AdapterRegistry(nn.Module):
             raise AdapterError(
                 f"{what} was trained on a different base (fingerprint {fp}, this base is {self.fingerprint}): "
                 "stages 2 and 3 must use the same base model; retrain the adapter on this base")
+        if not fp:  # a plain peft/TRL folder: its adapter_config.json names the base it was trained on
+            self._check_named_base(folder, what)
         q = meta.get("quantization")
         if q and q != self.quantization:
             log.warning("%s was trained on a %s base and is used on a %s base: scores may differ", what, q,
                         self.quantization)
         return meta
+
+    def _check_named_base(self, folder: Path, what: str):
+        """An adapter folder without marl_ray.json: where `base_model_name_or_path` is a local folder,
+        its fingerprint must be this base's; where it names something else, a warning names both."""
+        from marl_ray.model.adapter_io import ADAPTER_CONFIG, folder_fingerprint
+
+        try:
+            named = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            return
+        mine = str(getattr(self.base, "name_or_path", "") or "")
+        if not named or named == mine:
+            return
+        if Path(named).is_dir():
+            fp = folder_fingerprint(named)
+            if fp is not None and fp != self.fingerprint:
+                raise AdapterError(
+                    f"{what} was trained on the base {named} (fingerprint {fp}), not on the base in use "
+                    f"{mine or '(unnamed)'} (fingerprint {self.fingerprint}): stages 2 and 3 must use the same "
+                    "base model; retrain the adapter on this base")
+            if fp is not None:
+                return  # the same weights under another path
+        log.warning("%s names its base %r; the base in use is %r: make sure they are the same weights", what, named,
+                    mine)
 
     def load_policy(self, name: str, path: str | Path, value_head: bool = True):
         """Load a policy folder written by `save_policy`. value_head: give it one (the folder's, or a

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from itertools import chain
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -292,14 +294,18 @@ def test_reward_from_another_base_is_refused(loaded, foreign_reward_dir, other_b
 
 def test_reward_with_another_hidden_size_is_refused(loaded, wide_reward_dir, tmp_path):
     assert not (wide_reward_dir / META_FILE).exists()
-    expect_error(loaded, lambda: loaded.add_reward("rm2", wide_reward_dir), "shape", "another base")
+    # its adapter_config.json names the wide base's folder: refused by fingerprint, before any shape is read
+    expect_error(loaded, lambda: loaded.add_reward("rm2", wide_reward_dir), "trained on the base", "wide")
+    # named as a hub id instead (no folder to compare): the shapes give it away
+    unnamed = _named_base(wide_reward_dir, tmp_path / "unnamed", "some-org/wide")
+    expect_error(loaded, lambda: loaded.add_reward("rm2", unnamed), "shape", "another base")
     # Score head of the right width but LoRA weights of the wrong shape: fails after the LoRA
     # layers were injected, which must be rolled back.
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "lora_mismatch"
     bad.mkdir()
-    (bad / "adapter_config.json").write_text((wide_reward_dir / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text((Path(unnamed) / "adapter_config.json").read_text())
     state = load_file(str(wide_reward_dir / "adapter_model.safetensors"))
     state = {k: (torch.zeros(1, 64) if k.endswith("score.weight") else v) for k, v in state.items()}
     save_file(state, str(bad / "adapter_model.safetensors"))
@@ -428,3 +434,42 @@ def test_save_load_round_trip(base_dir, reward_dir, rollout, tmp_path):
     # overwriting a saved folder is atomic and leaves no temp folders behind
     m.save_policy("a", folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy_b"]
+
+
+def _named_base(src, dst, base_name) -> str:
+    """A copy of the TRL-format reward folder `src` whose adapter_config.json names `base_name`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_name)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_a_trl_adapter_names_its_base_and_another_base_is_refused(base_dir, other_base_dir, reward_dir_trl, tmp_path,
+                                                                  caplog):
+    """Without marl_ray.json, adapter_config.json's base_model_name_or_path is checked: a local folder
+    with other weights is refused with both paths named; the same weights under another path load;
+    a name that is not a local folder loads with a warning naming both."""
+    import logging
+    import shutil
+
+    from marl_ray.model import MultiAdapterModel
+    from marl_ray.model.adapter_io import AdapterError, base_fingerprint, folder_fingerprint
+
+    model = MultiAdapterModel.from_pretrained(str(base_dir))
+    assert folder_fingerprint(base_dir) == model.fingerprint == base_fingerprint(model.base)
+    assert folder_fingerprint(other_base_dir) not in (None, model.fingerprint)
+    other = _named_base(reward_dir_trl, tmp_path / "other", other_base_dir)
+    with pytest.raises(AdapterError, match="trained on the base") as e:
+        model.add_reward("rm_other", other)
+    assert str(other_base_dir) in str(e.value) and str(base_dir) in str(e.value)
+    assert "rm_other" not in model.roles
+    copy = tmp_path / "base_copy"
+    shutil.copytree(base_dir, copy)
+    model.add_reward("rm_copy", _named_base(reward_dir_trl, tmp_path / "copy", copy))
+    with caplog.at_level(logging.WARNING):
+        model.add_reward("rm_hub", _named_base(reward_dir_trl, tmp_path / "hub", "some-org/some-model"))
+    assert "some-org/some-model" in caplog.text and str(base_dir) in caplog.text
