@@ -221,7 +221,13 @@ class ClusterSpec:
 
 @spec
 class DataSpec:
-    prompts: str = opt("embedded", "embedded = the built-in domain; else a JSONL file with a \"prompt\" field.")
+    prompts: str = opt("embedded", "embedded = the built-in domain; a JSONL, JSON, CSV or Parquet file; a folder written "
+                       "by datasets' save_to_disk; or a datasets hub name. Each row's other fields reach reward "
+                       "functions as keyword columns.")
+    split: str = opt("train", "The split of a save_to_disk folder with several splits, or of a hub data set.")
+    prompt_field: str = opt("prompt", "The field that holds the prompt: a text, or a conversation (a list of "
+                            "{role, content}, rendered with the tokenizer's chat template); rows with 'input_ids' "
+                            "and no such field are used as token ids.")
     max_prompt_tokens: int = opt(16, "Prompts are truncated to this many tokens.", ge=1)
     seed: int = opt(0, "Seed of the prompt order.", ge=0)
 

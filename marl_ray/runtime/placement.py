@@ -130,7 +130,8 @@ class Actors:
 
 def _worker_args(cfg, w: int) -> tuple:
     c = cfg.cluster
-    return (cfg.model.tokenizer or cfg.model.base, cfg.data.prompts, w, c.rollout_workers, cfg.data.max_prompt_tokens)
+    return (cfg.model.tokenizer or cfg.model.base, cfg.data.prompts, w, c.rollout_workers, cfg.data.max_prompt_tokens,
+            cfg.data.seed, cfg.data.split, cfg.data.prompt_field)
 
 
 def start_actors(cfg, seed: int) -> Actors:
@@ -150,8 +151,7 @@ def start_actors(cfg, seed: int) -> Actors:
         for i in range(len(pl.node_ids))]
 
     def worker(w: int, node_id: str):
-        return Worker.options(**worker_options(node_id, c.max_restarts)).remote(*_worker_args(cfg, w),
-                                                                                 seed=cfg.data.seed)
+        return Worker.options(**worker_options(node_id, c.max_restarts)).remote(*_worker_args(cfg, w))
 
     worker_host = [w % len(hosts) for w in range(c.rollout_workers)]
     workers = [worker(w, pl.node_ids[worker_host[w]]) for w in range(c.rollout_workers)]
@@ -167,7 +167,7 @@ def start_inprocess(cfg, seed: int) -> Actors:
     c = cfg.cluster
     host = ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=seed,
                      torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0)
-    workers = [LocalHandle(RolloutWorker(*_worker_args(cfg, w), seed=cfg.data.seed)) for w in range(c.rollout_workers)]
+    workers = [LocalHandle(RolloutWorker(*_worker_args(cfg, w))) for w in range(c.rollout_workers)]
     return Actors([LocalHandle(host)], workers, [0] * c.rollout_workers)
 
 

@@ -15,46 +15,30 @@ from marl_ray.runtime.protocol import RolloutPart
 log = logging.getLogger(__name__)
 
 
-def load_prompts(source: str, seed: int = 0, n: int = 20000) -> list:
-    """The prompts: the embedded domain's training openings, or the rows of a JSONL file, each
-    with a "prompt" text or pre-tokenized "input_ids" (a list of token ids, used as given)."""
-    return load_prompt_rows(source, seed, n)[0]
+def load_prompts(source: str, seed: int = 0, n: int = 20000, split: str = "train",
+                 prompt_field: str = "prompt") -> list:
+    """The prompts of a prompt source (`data/prompts.py`): texts, token id lists or conversations."""
+    return load_prompt_rows(source, seed, n, split, prompt_field)[0]
 
 
-def load_prompt_rows(source: str, seed: int = 0, n: int = 20000) -> tuple[list, list[dict]]:
+def load_prompt_rows(source: str, seed: int = 0, n: int = 20000, split: str = "train",
+                     prompt_field: str = "prompt") -> tuple[list, list[dict]]:
     """(prompts, columns): as `load_prompts`, and each row's other fields (e.g. an `answer` that a
     reward function checks completions against); the embedded domain has none."""
-    if source == "embedded":
-        from marl_ray.data.domain import prompts
+    from marl_ray.data.prompts import load_rows
 
-        texts = prompts(n, seed=seed, split="train")
-        return texts, [{} for _ in texts]
-    from marl_ray.data.domain import read_jsonl
-
-    rows = read_jsonl(source)
-    out, columns = [], []
-    for i, r in enumerate(rows, 1):
-        if isinstance(r, dict) and isinstance(r.get("input_ids"), list):
-            out.append([int(t) for t in r["input_ids"]])
-        elif isinstance(r, dict) and "prompt" in r:
-            out.append(str(r["prompt"]))
-        else:
-            raise ValueError(f"{source}: row {i} has neither a 'prompt' text nor an 'input_ids' list")
-        columns.append({k: v for k, v in r.items() if k not in ("prompt", "input_ids")})
-    if not out:
-        raise ValueError(f"{source}: no prompts in the file")
-    return out, columns
+    return load_rows(source, split=split, prompt_field=prompt_field, seed=seed, n=n)
 
 
 class RolloutWorker:
     """Shard `worker_index` of `num_workers` of a prompt stream (prompt i belongs to shard i % num_workers)."""
 
     def __init__(self, tokenizer: str, prompts: str, worker_index: int, num_workers: int,
-                 max_prompt_tokens: int, seed: int = 0):
+                 max_prompt_tokens: int, seed: int = 0, split: str = "train", prompt_field: str = "prompt"):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        texts, columns = load_prompt_rows(prompts, seed=seed)
+        texts, columns = load_prompt_rows(prompts, seed=seed, split=split, prompt_field=prompt_field)
         self.ids = [i for i in range(len(texts)) if i % num_workers == worker_index]
         self.texts = {i: texts[i] for i in self.ids}
         self.columns = {i: columns[i] for i in self.ids}
@@ -64,6 +48,14 @@ class RolloutWorker:
         self.epoch = 0  # completed passes over the shard
         self.truncated = 0
         self.skipped_empty = 0
+
+    def _text(self, prompt) -> str | None:
+        """A prompt as reward functions see it: the text, a conversation rendered, None for token ids."""
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and isinstance(prompt[0], dict):
+            return self.render(prompt)
+        return None
 
     def pid(self) -> int:
         """This process's id: a worker Ray restarted has another (the learner checks it each step)."""
@@ -76,7 +68,9 @@ class RolloutWorker:
         self.position, self.epoch = int(state["position"]), int(state["epoch"])
 
     def _encode(self, text) -> list[int] | None:
-        if isinstance(text, list):  # pre-tokenized
+        if isinstance(text, list) and text and isinstance(text[0], dict):  # a conversation
+            ids = self.tokenizer(self.render(text), add_special_tokens=False)["input_ids"]
+        elif isinstance(text, list):  # pre-tokenized
             ids = list(text)
             if not ids:
                 return None
@@ -120,9 +114,16 @@ class RolloutWorker:
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
         ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed)
-        texts = [self.texts[pid] if isinstance(self.texts[pid], str) else None for pid, _, _ in rows]
+        texts = [self._text(self.texts[pid]) for pid, _, _ in rows]
         return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref],
                            texts, [self.columns[pid] for pid, _, _ in rows])
+
+    def render(self, messages: list[dict]) -> str:
+        """A conversation as the tokenizer's chat template renders it, ready for the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the prompts are conversations, but the tokenizer has no chat template: give it one "
+                             "(tokenizer.chat_template) or use text prompts")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of `texts` as prompts (BOS added, truncated like the stream's prompts)."""

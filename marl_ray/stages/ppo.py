@@ -38,18 +38,23 @@ def check_inputs(cfg: PPORunConfig):
     for i, p in enumerate(cfg.policies):
         if p.init_from and not Path(p.init_from).expanduser().exists():
             raise ConfigError(f"policies[{i}].init_from: {p.init_from!r} does not exist")
-    if cfg.data.prompts != "embedded" and not Path(cfg.data.prompts).exists():
-        raise ConfigError(f"data.prompts: {cfg.data.prompts!r} does not exist (a JSONL file with a 'prompt' field, "
-                          "or 'embedded')")
     columns: list[str] = []
-    if cfg.data.prompts != "embedded":  # a malformed line fails here (named), not inside a rollout worker
+    if cfg.data.prompts != "embedded":  # a malformed row fails here (named), not inside a rollout worker
         from marl_ray.runtime.rollout import load_prompt_rows
 
         try:
-            _, rows = load_prompt_rows(cfg.data.prompts)
+            prompts, rows = load_prompt_rows(cfg.data.prompts, split=cfg.data.split, prompt_field=cfg.data.prompt_field)
         except ValueError as e:
             raise ConfigError(f"data.prompts: {e}") from None
         columns = sorted({k for r in rows for k in r})
+        if any(isinstance(p, list) and p and isinstance(p[0], dict) for p in prompts):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.base)
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError(f"data.prompts: {cfg.data.prompts} holds conversations, but the tokenizer of "
+                                  f"{cfg.model.tokenizer or cfg.model.base} has no chat template: give it one or use "
+                                  "text prompts")
     from marl_ray.train import rewards
 
     for i, r in enumerate(cfg.rewards):  # importable, callable as fn(prompts, completions, **columns)
