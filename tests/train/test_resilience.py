@@ -356,7 +356,15 @@ def test_resume_refuses_a_mismatching_checkpoint(assets, baseline, tmp_path):
     msg = str(err.value)
     assert "not in the checkpoint: ['other']" in msg and "not in the config: ['down']" in msg, msg
 
-    rebased = ru.run_config(assets, out, model={"base": assets["other_base"]}, run={"resume": "latest"})
+    # a reward adapter that names the other base (else the adapter itself is refused first: see
+    # model/test_multi_adapter.py), so that the checkpoint's own check is what refuses
+    rm = tmp_path / "rm_other"
+    shutil.copytree(assets["reward"], rm)
+    adapter_cfg = json.loads((rm / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = assets["other_base"]
+    (rm / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+    rebased = ru.run_config({**assets, "reward": str(rm)}, out, model={"base": assets["other_base"]},
+                            run={"resume": "latest"})
     with pytest.raises(CheckpointMismatch, match="different base"):
         run_ppo(ru.load(rebased))
 
