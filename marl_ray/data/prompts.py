@@ -10,7 +10,7 @@
   (needs the hub; never used by the tests).
 
 A row's prompt is its `data.prompt_field` (default `prompt`): a text, a list of token ids (the
-field `input_ids`, used as given), or a conversation (a list of {role, content} messages,
+field `input_ids`, used as given, and before a `prompt` text when a row has both), or a conversation (a list of {role, content} messages,
 rendered with the tokenizer's chat template by the rollout worker). Every other field of the row
 travels with the prompt and reaches reward functions as a keyword column.
 """
@@ -111,7 +111,7 @@ def load_rows(source: str, split: str = "train", prompt_field: str = "prompt", s
         where = f"{source}: row {i}"
         if not isinstance(r, dict):
             raise PromptDataError(f"{where} is not a mapping of fields")
-        if isinstance(r.get("input_ids"), list) and prompt_field not in r:
+        if isinstance(r.get("input_ids"), list) and (prompt_field == "prompt" or prompt_field not in r):
             out.append([int(t) for t in r["input_ids"]])
             used = "input_ids"
         elif prompt_field in r:

@@ -109,3 +109,12 @@ def test_a_worker_renders_conversations_with_the_chat_template(base_dir, tmp_pat
     plain = RolloutWorker(str(base_dir), str(p), 0, 1, max_prompt_tokens=64)
     with pytest.raises(ValueError, match="no chat template"):
         plain.take(1)
+
+
+def test_token_ids_are_used_as_given_before_a_prompt_text(tmp_path):
+    from marl_ray.data.prompts import load_rows
+
+    p = tmp_path / "ids.jsonl"
+    p.write_text(json.dumps({"input_ids": [5, 6, 7], "prompt": "the text they came from"}) + "\n")
+    prompts, columns = load_rows(str(p))
+    assert prompts == [[5, 6, 7]] and columns == [{"prompt": "the text they came from"}]
