@@ -4,14 +4,18 @@
     emit                      print a result as JSON (and write it to a file)
     run_script                a benchmark script in a process of its own; its JSON result
     workdir                   the workload cache folder (default $TMPDIR/marl-ray-bench)
+    build_base                the seeded base and tokenizer of one size
     build_workload            the reference workload's base, reward adapter and prompts
     make_config               the reference workload's run config
+    grpo_prompts              the GRPO workload's prompts (ids and their text), written once per count
+    make_grpo_config          the GRPO reference workload's run config
     start                     the runtime (in-process or Ray) and a Learner for a config -> Started
     ab_pairs, ratio_summary   alternating A/B process pairs, per-pair ratios, their median/min/max
     spread                    median, min, max of a list of figures
 
 Nothing from torch or marl_ray is imported at module level: trl_peer.py (in .venv-trl, without
-marl_ray) can import this module too.
+marl_ray) can import this module too; trl_grpo_peer.py uses only build_base and grpo_prompts (no
+marl_ray either).
 """
 
 from __future__ import annotations
@@ -83,6 +87,24 @@ def workdir(path: str | None = None) -> Path:
     return work
 
 
+def build_base(work: Path, size: str) -> Path:
+    """The seeded tiny Llama of `size` and its tokenizer, saved in `work`/base-<size> (built once).
+    Needs marl_ray (the project venv) only when it has not been built yet."""
+    base = work / f"base-{size}"
+    if not (base / "config.json").exists():
+        from transformers.utils import logging as hf_logging
+
+        from marl_ray.data.domain import corpus
+        from marl_ray.data.tiny import build_llama, build_tokenizer
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        tok = build_tokenizer(corpus(3000, seed=0), vocab_size=512)
+        build_llama(size, seed=0, vocab_size=512).save_pretrained(base)
+        tok.save_pretrained(base)
+    return base
+
+
 def build_workload(work: Path, size: str, n_prompts: int, seed: int = 0):
     """(base, reward adapter, prompts file) in `work`, built once per size: the seeded tiny Llama
     and tokenizer, a TRL-format reward adapter (LoRA r16/a32 on q, v + score head, random), and
@@ -92,16 +114,11 @@ def build_workload(work: Path, size: str, n_prompts: int, seed: int = 0):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from marl_ray.data.domain import corpus, write_jsonl
-    from marl_ray.data.tiny import build_llama, build_tokenizer
+    from marl_ray.data.domain import write_jsonl
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    base = work / f"base-{size}"
-    if not (base / "config.json").exists():
-        tok = build_tokenizer(corpus(3000, seed=0), vocab_size=512)
-        build_llama(size, seed=0, vocab_size=512).save_pretrained(base)
-        tok.save_pretrained(base)
+    base = build_base(work, size)
     rm = work / f"rm-{size}"
     if not (rm / "adapter_config.json").exists():
         sc = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
@@ -147,6 +164,74 @@ def make_config(base, rm, prompts, out_dir, *, policies: int = 1, quant: str = "
                 "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
         "cluster": {"runtime": runtime, "num_hosts": 1, "host_num_cpus": threads, "rollout_workers": 1},
         "data": {"prompts": str(prompts), "max_prompt_tokens": 16},
+        "run": {"out_dir": str(out_dir), "tensorboard": False, "progress": False, "seed": 0},
+    })
+
+
+# ------------------------------------------------------------------ the GRPO reference workload
+GRPO = {"prompts_per_step": 16, "prompt_tokens": 16, "num_generations": 4, "new_tokens": 16, "lr": 1e-4,
+        "lora_r": 8, "lora_alpha": 16, "beta": 0.04, "loss_type": "dapo", "epsilon": 0.2, "max_grad_norm": 1.0}
+REWARD_FN = HERE / "rewards.py"  # vowel_fraction: the workload's programmatic reward
+
+
+def grpo_prompts(work: Path, base: Path, n: int, seed: int = 0) -> Path:
+    """`work`/grpo-ids-<n>.jsonl: n distinct prompts of exactly 16 random token ids (4..511: no
+    special id), each row {"input_ids": [...], "text": their decoded text}. Written once per n, and
+    atomically (temporary file, then rename), so processes that start together (lockstep) may all
+    call it. The ids are what both systems feed the model; the text is what TRL's data set carries
+    as its "prompt" (benchmarks/trl_grpo_peer.py maps it back to the same ids). The text is not
+    under "prompt": marl-ray's prompt loader takes a row's "prompt" field over its "input_ids"."""
+    path = work / f"grpo-ids-{n}.jsonl"
+    if path.exists():
+        return path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        ids = [rng.randrange(4, 512) for _ in range(GRPO["prompt_tokens"])]
+        text = tok.decode(ids, skip_special_tokens=True)
+        if text in seen:  # distinct texts, so the text identifies its ids
+            continue
+        seen.add(text)
+        rows.append({"input_ids": ids, "text": text})
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def make_grpo_config(base, prompts, out_dir, *, policies: int = 1, quant: str = "none", dtype: str = "fp32",
+                     runtime: str = "inprocess", threads: float = 2, backend: str = "hf",
+                     gradient_checkpointing: str = "auto", micro_batch_size: int | None = None,
+                     rollout_logprobs: str = "auto", beta: float = GRPO["beta"], loss_type: str = GRPO["loss_type"]):
+    """The GRPO reference workload's PPORunConfig: `policies` GRPO policies (g0, g1, ...) on one base,
+    each 16 prompts x G=4 completions of exactly 16 tokens per step (64 completions), one pass (mu=1)
+    and one optimizer step over the 64 (mini_batch_size = batch_size = 16 prompts), scored by the
+    vowel-fraction function alone. gradient_checkpointing / rollout_logprobs: auto|on|off."""
+    from marl_ray.config import PPORunConfig, load_config
+
+    g = GRPO
+    pols = [{"name": f"g{i}", "reward": "vowels", "algorithm": "grpo", "num_generations": g["num_generations"],
+             "beta": beta, "loss_type": loss_type, "epsilon_low": g["epsilon"], "epsilon_high": g["epsilon"],
+             "scale_rewards": True, "lr": g["lr"],
+             "lora": {"r": g["lora_r"], "alpha": g["lora_alpha"], "dropout": 0.0,
+                      "target_modules": ["q_proj", "v_proj"]}}
+            for i in range(policies)]
+    return load_config(PPORunConfig, base={
+        "model": {"base": str(base), "quantization": quant, "dtype": dtype,
+                  "gradient_checkpointing": _AUTO_ON_OFF[gradient_checkpointing]},
+        "rewards": [{"name": "vowels", "function": f"{REWARD_FN}:vowel_fraction"}],
+        "policies": pols,
+        "generation": {"max_new_tokens": g["new_tokens"], "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "stop_at_eos": False, "backend": backend},
+        "ppo": {"steps": 1000, "batch_size": g["prompts_per_step"], "mini_batch_size": g["prompts_per_step"],
+                "ppo_epochs": 1, "micro_batch_size": micro_batch_size,
+                "rollout_logprobs": _AUTO_ON_OFF[rollout_logprobs],
+                "max_grad_norm": g["max_grad_norm"]},
+        "cluster": {"runtime": runtime, "num_hosts": 1, "host_num_cpus": threads, "rollout_workers": 1},
+        "data": {"prompts": str(prompts), "max_prompt_tokens": g["prompt_tokens"]},
         "run": {"out_dir": str(out_dir), "tensorboard": False, "progress": False, "seed": 0},
     })
 

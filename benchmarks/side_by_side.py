@@ -1,11 +1,16 @@
 """marl-ray against its peers on the reference workload (benchmarks/README.md), side by side.
 
-Runs in the project venv and launches every measurement as its own process:
+Runs in the project venv and launches every measurement as its own process. --workload ppo (default):
   marl-ray:           .venv/bin/python benchmarks/ppo_step.py ...
   trl-multi-adapter:  .venv-trl/bin/python benchmarks/trl_peer.py --impl trl-multi-adapter ...
   three-model:        .venv-trl/bin/python benchmarks/trl_peer.py --impl three-model ...
-(.venv-trl comes from benchmarks/setup_trl_venv.sh). For each configuration (size, dtype, quant,
-policies) the implementations alternate, A B C A B C ..., for --repeats rounds, all with the same
+(.venv-trl comes from benchmarks/setup_trl_venv.sh). --workload grpo (the GRPO workload: 16 prompts
+x G=4 = 64 completions per step, "samples" below are completions):
+  marl-ray:           .venv/bin/python benchmarks/grpo_step.py ...
+  trl-grpo:           .venv/bin/python benchmarks/trl_grpo_peer.py --gradient-checkpointing on ...
+  trl-grpo-nogc:      .venv/bin/python benchmarks/trl_grpo_peer.py --gradient-checkpointing off ...
+(TRL 1.16's GRPOTrainer, in the project venv itself; gradient checkpointing on is its default).
+For each configuration (size, dtype, quant, policies) the implementations alternate, A B C A B C ..., for --repeats rounds, all with the same
 torch thread count, so a slow spell of a shared machine falls on all of them alike.
 --lockstep goes further (policies 1): a round's processes start together and take turns
 iteration by iteration (benchmarks/turns.py), so each marl-ray iteration runs right next to each
@@ -16,14 +21,16 @@ Ratios are marl-ray / peer per round, then the median and the min-max over the r
   model memory ratio = marl model_rss_mib / peer model_rss_mib       (< 1: marl-ray is leaner)
 model_rss_mib is the peak resident memory above the process's memory right after its imports.
 
---policies N > 1: marl-ray trains N policies in one job (N x 16 samples per iteration). A TRL
+--policies N > 1: marl-ray trains N policies in one job (N x 16 samples, or N x 64 completions,
+per iteration). A TRL
 policy is its own job, so a peer "run" is N separate peer processes, run one after another (the
 machine has 2 cores; running them at once would only make each slower), and counted as if they
 shared the machine: memory = the sum of the N jobs' model_rss_mib (and of their peak_rss_mib);
-time per sample = the N jobs' total median iteration time / their N x 16 samples.
+time per sample = the N jobs' total median iteration time / their N x 16 samples (x 64 completions).
 
     python benchmarks/side_by_side.py --sizes medium --dtypes fp32,bf16 --repeats 3
     python benchmarks/side_by_side.py --sizes large --policies 4 --peers trl-multi-adapter --repeats 2
+    python benchmarks/side_by_side.py --workload grpo --sizes small --dtypes fp32 --repeats 2 --iters 4 --lockstep
 
 Raw results go to benchmarks/results/<timestamp>.json (and a .md with the table); plot them with
 benchmarks/plot_results.py.
@@ -45,15 +52,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ROOT, build_workload, spread  # noqa: E402
+from harness import GRPO, ROOT, build_base, build_workload, grpo_prompts, spread  # noqa: E402
 
 PEERS = ("trl-multi-adapter", "three-model")
+GRPO_PEERS = ("trl-grpo", "trl-grpo-nogc")
+# per workload: marl-ray's script, the peers, the peers' script, what a "sample" is
+WORKLOADS = {
+    "ppo": {"marl": "ppo_step.py", "peers": PEERS, "peer_script": "trl_peer.py", "unit": "samples"},
+    "grpo": {"marl": "grpo_step.py", "peers": GRPO_PEERS, "peer_script": "trl_grpo_peer.py", "unit": "completions"},
+}
 
 
-def prepare_workload(work: Path, sizes, n_prompts: int):
-    """Build base/reward adapter/prompts for each size once (harness.build_workload)."""
+def prepare_workload(work: Path, sizes, n_prompts: int, workload: str = "ppo", steps: dict | None = None):
+    """Build what each size needs once: base/reward adapter/prompts (harness.build_workload) for ppo;
+    the base and the GRPO prompts (harness.build_base, harness.grpo_prompts; steps[size] steps of 16) for grpo."""
     for size in sizes:
-        build_workload(work, size, n_prompts=n_prompts)
+        if workload == "grpo":
+            grpo_prompts(work, build_base(work, size), GRPO["prompts_per_step"] * steps[size])
+        else:
+            build_workload(work, size, n_prompts=n_prompts)
+
+
+def peer_command(workload: str, peer: str, cfg: list[str], seed: int, out_json: Path, trl_python: str,
+                 marl_python: str) -> list[str]:
+    """The command line of one peer job."""
+    if workload == "grpo":
+        gc = "off" if peer.endswith("-nogc") else "on"
+        return [marl_python, "benchmarks/trl_grpo_peer.py", "--gradient-checkpointing", gc, *cfg, "--seed", str(seed),
+                "--json", str(out_json)]
+    return [trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg, "--seed", str(seed), "--json", str(out_json)]
 
 
 def run_one(cmd, log: Path, out_json: Path, env, timeout):
@@ -109,6 +136,7 @@ def aggregate_jobs(jobs, policies):
         return {"error": bad[0]["error"], "log": bad[0].get("log"), "tail": bad[0].get("tail"), "jobs": jobs}
     total_step = sum(j["step_s_median"] for j in jobs)
     first = jobs[0]
+    per_job = first.get("completions_per_step", 16)  # samples of one job's iteration
     return {
         "impl": first["impl"], "size": first["size"], "quant": first["quant"], "dtype": first["dtype"],
         "policies": policies, "jobs": len(jobs), "aggregate": "sequential separate jobs, summed",
@@ -117,7 +145,7 @@ def aggregate_jobs(jobs, policies):
         "gen_s_median": sum(j["gen_s_median"] for j in jobs),
         "score_s_median": sum(j["score_s_median"] for j in jobs),
         "train_s_median": sum(j["train_s_median"] for j in jobs),
-        "samples_per_s": 16 * len(jobs) / total_step,
+        "samples_per_s": per_job * len(jobs) / total_step,
         "peak_rss_mib": sum(j["peak_rss_mib"] for j in jobs),
         "baseline_rss_mib": sum(j["baseline_rss_mib"] for j in jobs),
         "model_rss_mib": sum(j["model_rss_mib"] for j in jobs),
@@ -133,6 +161,7 @@ def summarize(cfg_result):
     for peer in cfg_result["peers"]:
         pr = runs[peer]
         sps, mem, peak, per_iter = [], [], [], []
+        phases = {"gen": [], "score": [], "train": []}
         for a, b in zip(marl, pr):
             if "error" in a or "error" in b:
                 continue
@@ -141,12 +170,16 @@ def summarize(cfg_result):
                 per_iter += [tb / ta for ta, tb in zip(a["step_s_all"], b["step_s_all"])]
             mem.append(a["model_rss_mib"] / b["model_rss_mib"] if b["model_rss_mib"] > 0 else None)
             peak.append(a["peak_rss_mib"] / b["peak_rss_mib"])
+            for ph in phases:  # marl-ray's time / the peer's, per phase
+                if a.get(f"{ph}_s_median") and b.get(f"{ph}_s_median"):
+                    phases[ph].append(a[f"{ph}_s_median"] / b[f"{ph}_s_median"])
         out[peer] = {
             "pairs": len(sps),
             "samples_per_s_ratio": spread(sps),
             "samples_per_s_ratio_by_iteration": spread(per_iter),
             "model_rss_ratio": spread(mem),
             "peak_rss_ratio": spread(peak),
+            "phase_time_ratio": {ph: spread(v, 3) for ph, v in phases.items()},  # marl / peer seconds (< 1: faster)
             "marl_samples_per_s": spread([r["samples_per_s"] for r in marl if "error" not in r]),
             "peer_samples_per_s": spread([r["samples_per_s"] for r in pr if "error" not in r]),
             "marl_model_rss_mib": spread([r["model_rss_mib"] for r in marl if "error" not in r]),
@@ -165,8 +198,9 @@ def _fmt(s, digits=2):
 
 
 def markdown(results) -> str:
+    unit = WORKLOADS[results.get("workload", "ppo")]["unit"]
     lines = [
-        "| size | dtype | quant | policies | peer | marl samples/s | peer samples/s | samples/s ratio (marl/peer) "
+        f"| size | dtype | quant | policies | peer | marl {unit}/s | peer {unit}/s | {unit}/s ratio (marl/peer) "
         "| marl model MiB | peer model MiB | model memory ratio (marl/peer) | pairs | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -188,6 +222,10 @@ def markdown(results) -> str:
                 notes.append("peer errors: " + "; ".join(p["errors"]))
             if p.get("samples_per_s_ratio_by_iteration"):
                 notes.append("lockstep; ratio by iteration pair: " + _fmt(p["samples_per_s_ratio_by_iteration"]))
+            ph = p.get("phase_time_ratio") or {}
+            if results.get("workload") == "grpo" and all(ph.get(k) for k in ("gen", "score", "train")):
+                notes.append("time marl/peer: " + ", ".join(f"{k} {ph[k]['median']:.2f}"
+                                                             for k in ("gen", "score", "train")))
             if s["marl_errors"]:
                 notes.append("marl-ray errors: " + "; ".join(s["marl_errors"]))
             lines.append(
@@ -197,25 +235,33 @@ def markdown(results) -> str:
                 f"| {_fmt(p['model_rss_ratio'])} | {p['pairs']} | {' / '.join(notes)} |")
     lines.append("")
     lines.append("Values: median (min–max) over the repeat rounds; a ratio is taken within each round, then summarized. "
-                 "samples/s ratio > 1: marl-ray faster; model memory ratio < 1: marl-ray leaner. "
-                 f"torch threads: {results['threads']}.")
+                 f"{unit}/s ratio > 1: marl-ray faster; model memory ratio < 1: marl-ray leaner. "
+                 f"torch threads: {results['threads']}."
+                 + (" Workload: GRPO (16 prompts x G=4 = 64 completions of 16 tokens per optimizer step); "
+                    "trl-grpo = TRL 1.16 GRPOTrainer with gradient checkpointing on (its default), trl-grpo-nogc "
+                    "= off; marl-ray's gradient checkpointing: " + results.get("marl_gradient_checkpointing", "auto")
+                    + "." if results.get("workload") == "grpo" else ""))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="ppo",
+                    help="ppo: ppo_step.py against trl_peer.py (TRL 0.11.4); grpo: grpo_step.py against "
+                         "trl_grpo_peer.py (TRL 1.16 GRPOTrainer, gradient checkpointing on and off)")
     ap.add_argument("--sizes", default="small", help="comma list of small,medium,large")
     ap.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16")
     ap.add_argument("--quants", default="none", help="comma list of none,8bit,4bit")
     ap.add_argument("--policies", default="1", help="comma list of policy counts, e.g. 1,4")
-    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {','.join(PEERS)}")
+    ap.add_argument("--peers", default=None, help=f"comma list of {','.join(PEERS)} (ppo; default both) or "
+                    f"{','.join(GRPO_PEERS)} (grpo; default both)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=None, help="passed on (default: 5, large 2)")
     ap.add_argument("--warmup", type=int, default=None, help="passed on (default: 2, large 1)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "marl-ray-bench"))
     ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess", help="marl-ray's runtime")
-    ap.add_argument("--marl-args", default="", help="more ppo_step.py options for marl-ray's runs, e.g. "
+    ap.add_argument("--marl-args", default="", help="more ppo_step.py / grpo_step.py options for marl-ray's runs, e.g. "
                     "'--micro-batch-size 2' or '--gradient-checkpointing on'")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     ap.add_argument("--marl-python", default=sys.executable)
@@ -232,13 +278,16 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     quants = args.quants.split(",")
     policies = [int(x) for x in args.policies.split(",")]
-    peers = [p for p in args.peers.split(",") if p]
+    wl = WORKLOADS[args.workload]
+    peers = [p for p in (args.peers if args.peers is not None else ",".join(wl["peers"])).split(",") if p]
     for p in peers:
-        if p not in PEERS:
-            ap.error(f"unknown peer {p!r}")
+        if p not in wl["peers"]:
+            ap.error(f"unknown peer {p!r} for --workload {args.workload} (choose from {', '.join(wl['peers'])})")
     if args.lockstep and policies != [1]:
         ap.error("--lockstep needs --policies 1 (N TRL policies are N jobs run one after another)")
-    if peers and not Path(args.trl_python).exists():
+    if args.workload == "grpo" and quants != ["none"]:
+        ap.error("--workload grpo: --quants none only (trl_grpo_peer.py runs no quantized base)")
+    if args.workload == "ppo" and peers and not Path(args.trl_python).exists():
         ap.error(f"{args.trl_python} missing: run `bash benchmarks/setup_trl_venv.sh` first")
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -247,8 +296,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sbs-"))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    max_steps = max((args.iters or (2 if s == "large" else 5)) + (args.warmup if args.warmup is not None
-                                                                     else (1 if s == "large" else 2)) for s in sizes)
+    steps = {s: (args.iters or (2 if s == "large" else 5)) + (args.warmup if args.warmup is not None
+                                                              else (1 if s == "large" else 2)) for s in sizes}
+    max_steps = max(steps.values())
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     common = ["--threads", str(args.threads), "--workdir", str(work)]
@@ -261,16 +311,22 @@ def main(argv=None) -> int:
     if args.dry_run:
         for size, dtype, quant, npol in configs:
             cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
-            print(args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol), "--runtime", args.runtime,
-                  *shlex.split(args.marl_args))
+            print(args.marl_python, f"benchmarks/{wl['marl']}", *cfg, "--policies", str(npol), "--runtime",
+                  args.runtime, *shlex.split(args.marl_args))
             for peer in peers:
-                print(f"{npol} x", args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg)
+                print(f"{npol} x", *peer_command(args.workload, peer, cfg, 0, Path("OUT.json"), args.trl_python,
+                                                 args.marl_python)[:-2])
         return 0
     logs.mkdir(parents=True, exist_ok=True)
     print(f"building the workload in {work} ...", file=sys.stderr)
-    prepare_workload(work, sizes, n_prompts=16 * max_steps)
+    prepare_workload(work, sizes, n_prompts=16 * max_steps, workload=args.workload, steps=steps)
 
-    results = {"timestamp": stamp, "threads": args.threads, "repeats": args.repeats, "workdir": str(work),
+    marl_gc = "auto"
+    marl_opts = shlex.split(args.marl_args)
+    if "--gradient-checkpointing" in marl_opts[:-1]:
+        marl_gc = marl_opts[marl_opts.index("--gradient-checkpointing") + 1]
+    results = {"timestamp": stamp, "workload": args.workload, "marl_gradient_checkpointing": marl_gc,
+               "threads": args.threads, "repeats": args.repeats, "workdir": str(work),
                "host": os.uname().nodename, "cpu_count": os.cpu_count(), "argv": sys.argv[1:], "configs": []}
     out_json = out_dir / f"{stamp}.json"
 
@@ -289,11 +345,11 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             n += 1
             j = tmp / f"{tag}-r{r}-marl.json"
-            marl = ([args.marl_python, "benchmarks/ppo_step.py", *cfg, "--policies", str(npol),
+            marl = ([args.marl_python, f"benchmarks/{wl['marl']}", *cfg, "--policies", str(npol),
                      "--runtime", args.runtime, "--json", str(j), *shlex.split(args.marl_args)],
                     logs / f"{tag}-r{r}-marl-ray.log", j)
-            peer_jobs = {peer: [([args.trl_python, "benchmarks/trl_peer.py", "--impl", peer, *cfg, "--seed", str(k),
-                                  "--json", str(tmp / f"{tag}-r{r}-{peer}-{k}.json")],
+            peer_jobs = {peer: [(peer_command(args.workload, peer, cfg, k, tmp / f"{tag}-r{r}-{peer}-{k}.json",
+                                              args.trl_python, args.marl_python),
                                  logs / f"{tag}-r{r}-{peer}-{k}.log", tmp / f"{tag}-r{r}-{peer}-{k}.json")
                                 for k in range(npol)] for peer in peers}
             if args.lockstep:
@@ -337,7 +393,8 @@ def main(argv=None) -> int:
 def _brief(res):
     if "error" in res:
         return f"FAILED {res['error']}: {res['log']}\n      " + "\n      ".join(res.get("tail", [])[-5:])
-    return (f"{res['samples_per_s']:.3f} samples/s, step {res['step_s_median']:.2f}s "
+    unit = "completions" if res.get("workload") == "grpo" else "samples"
+    return (f"{res['samples_per_s']:.3f} {unit}/s, step {res['step_s_median']:.2f}s "
             f"(gen {res['gen_s_median']:.2f}, score {res['score_s_median']:.2f}, train {res['train_s_median']:.2f}), "
             f"model {res['model_rss_mib']:.0f} MiB, peak {res['peak_rss_mib']:.0f} MiB")
 
