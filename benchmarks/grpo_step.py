@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (GRPO, build_base, emit, grpo_prompts, make_grpo_config, peak_rss_mib, rss_mib, start,  # noqa: E402
-                     workdir)
+from harness import (GRPO, add_run_args, build_base, emit, grpo_prompts, make_grpo_config, peak_rss_mib,  # noqa: E402
+                     rss_mib, start, workdir)
 from turns import Turns  # noqa: E402
 
 CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
@@ -35,26 +35,10 @@ CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend",
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
-    ap.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_run_args(ap, "where the built model and prompts are cached")
     ap.add_argument("--policies", type=int, default=1, help="GRPO policies on the one base")
-    ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
-    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    ap.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                    help="recompute decoder layers in training (auto: on for 4/8-bit bases, else off)")
-    ap.add_argument("--micro-batch-size", type=int, default=None, help="ppo.micro_batch_size (rows per pass)")
-    ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
-                    help="ppo.rollout_logprobs: old logprobs from the decode steps (auto: on unless 4/8-bit)")
     ap.add_argument("--beta", type=float, default=GRPO["beta"], help="KL weight (0: no reference pass)")
     ap.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default=GRPO["loss_type"])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
-    ap.add_argument("--workdir", default=None, help="where the built model and prompts are cached")
-    ap.add_argument("--json", default=None, help="also write the JSON here")
-    ap.add_argument("--turns", default=None, metavar="DIR:K:N",
-                    help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
     args = ap.parse_args(argv)
     iters = args.iters or (2 if args.size == "large" else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)

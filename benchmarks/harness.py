@@ -80,6 +80,29 @@ def spread(xs, digits: int | None = None) -> dict | None:
 
 
 # ------------------------------------------------------------------ the reference workload
+
+def add_run_args(ap, workdir_help: str = "where the built model and prompts are cached") -> None:
+    """The command-line options that ppo_step.py and grpo_step.py share (one run of a workload)."""
+    ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
+    ap.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                    help="rollout engine (vllm: needs the vllm extra, e.g. .venv-vllm on CPU)")
+    ap.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                    help="recompute decoder layers in training (auto: on for 4/8-bit bases, else off)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="ppo.micro_batch_size: rows per training pass (default: the whole minibatch)")
+    ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
+                    help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on unless 4/8-bit)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
+    ap.add_argument("--workdir", default=None, help=workdir_help)
+    ap.add_argument("--json", default=None, help="also write the JSON here")
+    ap.add_argument("--turns", default=None, metavar="DIR:K:N",
+                    help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
+
 def workdir(path: str | None = None) -> Path:
     """The folder the workload is cached in (created): `path`, or $TMPDIR/marl-ray-bench."""
     work = Path(path or os.path.join(tempfile.gettempdir(), "marl-ray-bench"))

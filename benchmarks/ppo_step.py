@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import build_workload, emit, make_config, peak_rss_mib, rss_mib, start, workdir  # noqa: E402
+from harness import add_run_args, build_workload, emit, make_config, peak_rss_mib, rss_mib, start, workdir  # noqa: E402
 from turns import Turns  # noqa: E402
 
 CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
@@ -28,26 +28,8 @@ CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend",
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
-    ap.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_run_args(ap, "where the built model/adapters are cached")
     ap.add_argument("--policies", type=int, default=1)
-    ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
-    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                    help="rollout engine (vllm: needs the vllm extra, e.g. .venv-vllm on CPU)")
-    ap.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                    help="recompute decoder layers in training (auto: on for 4/8-bit bases)")
-    ap.add_argument("--micro-batch-size", type=int, default=None,
-                    help="ppo.micro_batch_size: rows per training pass (default: the whole minibatch)")
-    ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
-                    help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on unless 4/8-bit)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; large: 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2; large: 1)")
-    ap.add_argument("--workdir", default=None, help="where the built model/adapters are cached")
-    ap.add_argument("--json", default=None, help="also write the JSON here")
-    ap.add_argument("--turns", default=None, metavar="DIR:K:N",
-                    help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
     args = ap.parse_args(argv)
     iters = args.iters or (2 if args.size == "large" else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)
