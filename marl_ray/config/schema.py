@@ -230,6 +230,20 @@ class DataSpec:
                             "and no such field are used as token ids.")
     max_prompt_tokens: int = opt(16, "Prompts are truncated to this many tokens.", ge=1)
     seed: int = opt(0, "Seed of the prompt order.", ge=0)
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts, in any form data.prompts takes (embedded = the "
+                                      "built-in domain's eval split): each policy is scored on them by its rewards "
+                                      "before the first step, every run.eval_every steps and after the last "
+                                      "(metrics eval/...).")
+    eval_fraction: float = opt(0.0, "Instead of eval_prompts: hold out this fraction of data.prompts' rows (chosen "
+                               "by a hash of each prompt, never trained on) as the held-out prompts.", ge=0, lt=1)
+    eval_size: int = opt(64, "Held-out prompts used per evaluation (the first ones).", ge=1)
+
+    def _check(self, at: str) -> None:
+        if self.eval_prompts is not None and self.eval_fraction > 0:
+            _fail(_join(at, "eval_fraction"), "give eval_prompts or eval_fraction, not both")
+        if self.eval_fraction > 0 and self.prompts == "embedded":
+            _fail(_join(at, "eval_fraction"), "the embedded domain has its own eval split: set "
+                  "data.eval_prompts: embedded instead")
 
 
 @spec
@@ -242,6 +256,8 @@ class RunSpec:
     keep_last: int = opt(2, "Number of most recent checkpoints to keep.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files into out_dir.")
     progress: bool = opt(True, "Show a progress bar.")
+    eval_every: int = opt(0, "With held-out prompts (data.eval_prompts or data.eval_fraction): evaluate every N "
+                          "steps as well as before the first and after the last; 0 = before and after only.", ge=0)
 
 
 @spec

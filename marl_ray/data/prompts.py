@@ -131,3 +131,66 @@ def load_rows(source: str, split: str = "train", prompt_field: str = "prompt", s
                                   f"{sorted(r)}: set data.prompt_field to the one that holds the prompt")
         columns.append({k: v for k, v in r.items() if k != used})
     return out, columns
+
+
+def is_conversation(prompt) -> bool:
+    """A prompt that is a list of {role, content} messages."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids the tokenizer's chat template puts right after an assistant's message ("<|im_end|>",
+    "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", ...): completions of a conversation stop there as
+    well as at EOS. Found by rendering a conversation with a marker as the assistant's message and reading
+    the first token after it, kept only when it is a special or added token (a template that ends a turn
+    with plain text has none). [] without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    marker = "MARLRAYENDOFTURNPROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: nothing to learn from it
+        return []
+    if marker not in text:
+        return []
+    rest = text.split(marker, 1)[1]
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest.strip() else []
+    if not ids:
+        return []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids[0] in special else []
+
+
+def held_out(prompt, fraction: float) -> bool:
+    """Whether a prompt belongs to the held-out share `fraction` (data.eval_fraction): a fixed function of
+    the prompt alone (crc32 of its JSON), so the rollout workers and the evaluation agree without talking."""
+    if fraction <= 0:
+        return False
+    import zlib
+
+    key = json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return zlib.crc32(key) % 100_000 < fraction * 100_000
+
+
+def eval_rows(data) -> tuple[list, list[dict]] | None:
+    """The held-out (prompts, columns) of a run's data section (`DataSpec`), at most data.eval_size of
+    them, or None when it has none: data.eval_prompts (any form data.prompts takes; "embedded" = the
+    built-in domain's eval split), or the data.eval_fraction share of data.prompts."""
+    if data.eval_prompts is not None:
+        if data.eval_prompts == "embedded":
+            from marl_ray.data.domain import prompts
+
+            texts = prompts(data.eval_size, seed=data.seed, split="eval", unique=True)
+            return texts, [{} for _ in texts]
+        prompts_, columns = load_rows(data.eval_prompts, split=data.split, prompt_field=data.prompt_field)
+        return prompts_[:data.eval_size], columns[:data.eval_size]
+    if data.eval_fraction > 0:
+        prompts_, columns = load_rows(data.prompts, split=data.split, prompt_field=data.prompt_field, seed=data.seed)
+        keep = [i for i, p in enumerate(prompts_) if held_out(p, data.eval_fraction)]
+        if not keep:
+            raise PromptDataError(f"data.eval_fraction {data.eval_fraction} of {data.prompts} holds out no prompt "
+                                  f"(it has {len(prompts_)}): raise it or give data.eval_prompts")
+        keep = keep[:data.eval_size]
+        return [prompts_[i] for i in keep], [columns[i] for i in keep]
+    return None

@@ -36,6 +36,8 @@ class SamplingSettings:
     do_sample: bool = True
     stop_at_eos: bool = False  # False: EOS is never sampled, every response has max_new_tokens tokens
     scored: bool = False  # also return the policy's logprobs/values/entropies of the sampled tokens
+    # tokens treated as EOS besides the base's (a chat template's end of turn: data/prompts.end_of_turn_ids)
+    stop_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, gen, scored: bool = False) -> "SamplingSettings":
@@ -97,6 +99,9 @@ class Sampler:
         gcfg = model.base.generation_config
         pad = gcfg.pad_token_id if gcfg.pad_token_id is not None else 0
         eos = gcfg.eos_token_id
+        if settings.stop_token_ids:
+            base_eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+            eos = base_eos + [t for t in settings.stop_token_ids if t not in base_eos]
         R = settings.max_new_tokens
         stop_at_eos = settings.stop_at_eos and eos is not None
         # Without stop_at_eos, EOS is masked at every position (min = R): exactly R tokens.
@@ -123,7 +128,7 @@ class Sampler:
             model, ids.to(dev), mask.to(dev), list(policies), settings.scored and all(
                 model.roles.get(n) == "policy" for n in policies),
             max_new_tokens=R, min_new_tokens=min_new, temperature=settings.temperature, top_k=settings.top_k,
-            top_p=settings.top_p, do_sample=settings.do_sample, pad_token_id=pad)
+            top_p=settings.top_p, do_sample=settings.do_sample, eos_token_id=eos, pad_token_id=pad)
         resp = out[:, ids.shape[1]:].cpu()
         n = resp.shape[1]
         if n < R:  # every row stopped early: pad to R

@@ -131,7 +131,7 @@ class Actors:
 def _worker_args(cfg, w: int) -> tuple:
     c = cfg.cluster
     return (cfg.model.tokenizer or cfg.model.base, cfg.data.prompts, w, c.rollout_workers, cfg.data.max_prompt_tokens,
-            cfg.data.seed, cfg.data.split, cfg.data.prompt_field)
+            cfg.data.seed, cfg.data.split, cfg.data.prompt_field, cfg.data.eval_fraction)
 
 
 def start_actors(cfg, seed: int) -> Actors:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
+from marl_ray.data.prompts import end_of_turn_ids, held_out, is_conversation
 from marl_ray.runtime.protocol import RolloutPart
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,17 @@ class RolloutWorker:
     """Shard `worker_index` of `num_workers` of a prompt stream (prompt i belongs to shard i % num_workers)."""
 
     def __init__(self, tokenizer: str, prompts: str, worker_index: int, num_workers: int,
-                 max_prompt_tokens: int, seed: int = 0, split: str = "train", prompt_field: str = "prompt"):
+                 max_prompt_tokens: int, seed: int = 0, split: str = "train", prompt_field: str = "prompt",
+                 eval_fraction: float = 0.0):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         texts, columns = load_prompt_rows(prompts, seed=seed, split=split, prompt_field=prompt_field)
+        if eval_fraction > 0:  # the held-out share (data.eval_fraction) is never trained on
+            kept = [i for i, t in enumerate(texts) if not held_out(t, eval_fraction)]
+            if not kept:
+                raise ValueError(f"data.eval_fraction {eval_fraction} holds out every prompt of {prompts}")
+            texts, columns = [texts[i] for i in kept], [columns[i] for i in kept]
         self.ids = [i for i in range(len(texts)) if i % num_workers == worker_index]
         self.texts = {i: texts[i] for i in self.ids}
         self.columns = {i: columns[i] for i in self.ids}
@@ -48,12 +56,15 @@ class RolloutWorker:
         self.epoch = 0  # completed passes over the shard
         self.truncated = 0
         self.skipped_empty = 0
+        # a conversation's completion also ends at the chat template's end of turn
+        self.stop_token_ids = (tuple(end_of_turn_ids(self.tokenizer))
+                               if any(is_conversation(t) for t in self.texts.values()) else ())
 
     def _text(self, prompt) -> str | None:
         """A prompt as reward functions see it: the text, a conversation rendered, None for token ids."""
         if isinstance(prompt, str):
             return prompt
-        if prompt and isinstance(prompt[0], dict):
+        if is_conversation(prompt):
             return self.render(prompt)
         return None
 
@@ -68,7 +79,7 @@ class RolloutWorker:
         self.position, self.epoch = int(state["position"]), int(state["epoch"])
 
     def _encode(self, text) -> list[int] | None:
-        if isinstance(text, list) and text and isinstance(text[0], dict):  # a conversation
+        if is_conversation(text):
             ids = self.tokenizer(self.render(text), add_special_tokens=False)["input_ids"]
         elif isinstance(text, list):  # pre-tokenized
             ids = list(text)
@@ -113,6 +124,9 @@ class RolloutWorker:
         host to whoever reads them, not through this worker."""
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
+        if self.stop_token_ids:
+            settings = replace(settings, stop_token_ids=tuple(dict.fromkeys(
+                (*settings.stop_token_ids, *self.stop_token_ids))))
         ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed)
         texts = [self._text(self.texts[pid]) for pid, _, _ in rows]
         return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref],
@@ -124,6 +138,12 @@ class RolloutWorker:
             raise ValueError("the prompts are conversations, but the tokenizer has no chat template: give it one "
                              "(tokenizer.chat_template) or use text prompts")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, prompts: list) -> tuple[list[list[int]], list, tuple[int, ...]]:
+        """Held-out prompts (texts, conversations or token ids) for an evaluation: (token ids, the texts
+        reward functions see, the stop tokens their completions end at besides EOS)."""
+        stop = tuple(end_of_turn_ids(self.tokenizer)) if any(is_conversation(p) for p in prompts) else ()
+        return self.encode(prompts), [self._text(p) for p in prompts], stop
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of `texts` as prompts (BOS added, truncated like the stream's prompts)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from marl_ray.model.adapter_io import atomic_dir
 from marl_ray.config import ConfigError, PPORunConfig, save_config
+from marl_ray.data.prompts import eval_rows, is_conversation
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,35 @@ def check_inputs(cfg: PPORunConfig):
         except ValueError as e:
             raise ConfigError(f"data.prompts: {e}") from None
         columns = sorted({k for r in rows for k in r})
-        if any(isinstance(p, list) and p and isinstance(p[0], dict) for p in prompts):
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.base)
-            if not getattr(tok, "chat_template", None):
-                raise ConfigError(f"data.prompts: {cfg.data.prompts} holds conversations, but the tokenizer of "
-                                  f"{cfg.model.tokenizer or cfg.model.base} has no chat template: give it one or use "
-                                  "text prompts")
+        if any(is_conversation(p) for p in prompts):
+            _require_chat_template(cfg, "data.prompts")
+    field = "data.eval_prompts" if cfg.data.eval_prompts is not None else "data.eval_fraction"
+    try:
+        heldout = eval_rows(cfg.data)
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    if heldout is not None and any(is_conversation(p) for p in heldout[0]):
+        _require_chat_template(cfg, field)
     from marl_ray.train import rewards
 
     for i, r in enumerate(cfg.rewards):  # importable, callable as fn(prompts, completions, **columns)
         if r.function is not None:
-            field = f"rewards[{i}].function"
-            rewards.check_function(rewards.RewardFunction.from_spec(r.name, r.function, field), field, columns)
+            field_ = f"rewards[{i}].function"
+            fn = rewards.RewardFunction.from_spec(r.name, r.function, field_)
+            rewards.check_function(fn, field_, columns)
+            if heldout is not None and cfg.data.eval_prompts is not None:
+                eval_columns = sorted({k for c in heldout[1] for k in c})
+                rewards.check_function(fn, f"{field_} (on data.eval_prompts)", eval_columns)
+
+
+def _require_chat_template(cfg: PPORunConfig, field: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.base)
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"{field}: {getattr(cfg.data, field.split('.')[1])} holds conversations, but the tokenizer "
+                          f"of {cfg.model.tokenizer or cfg.model.base} has no chat template: give it one or use "
+                          "text prompts")
 
 
 def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=None, on_start=None,
@@ -106,7 +122,25 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         # Only now: a run refused above (bad adapter, mismatching checkpoint) leaves the folder as it was.
         save_config(cfg, out / "config.yaml")
         extra = {"start": on_start(learner) if on_start else None}
-        learner.fit(on_step=on_step)
+        heldout = eval_rows(cfg.data)
+        evals: dict[int, dict] = {}
+
+        def evaluate_heldout():
+            evals[learner.step] = learner.heldout(*heldout, seed=cfg.run.seed + 7)
+            logger.log_eval(learner.step, evals[learner.step])
+
+        def after_step(step, metrics):
+            if on_step is not None:
+                on_step(step, metrics)
+            done = step + 1
+            if heldout and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.ppo.steps:
+                evaluate_heldout()
+
+        if heldout and learner.step < cfg.ppo.steps:
+            evaluate_heldout()
+        learner.fit(on_step=after_step)
+        if heldout and learner.step not in evals:
+            evaluate_heldout()
         extra["end"] = on_end(learner) if on_end else None
         checkpoint_path = learner.save_checkpoint()
         saved = {}
@@ -124,6 +158,10 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             "steps": learner.step, "wall_s": time.perf_counter() - t0, "extra": extra,
             "checkpoint": str(checkpoint_path), "recoveries": learner.recoveries, "skip_count": learner.skip_count,
         }
+        if evals:  # held-out evaluations: first and last of this run, and all of them by steps done
+            first, last = min(evals), max(evals)
+            summary["eval"] = {"before": evals[first], "after": evals[last], "steps": [first, last],
+                               "prompts": len(heldout[0]), "all": evals}
         (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
     finally:

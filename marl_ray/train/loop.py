@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from marl_ray.model.sampling import SamplingSettings
+from marl_ray.model.sampling import SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, RolloutScores
@@ -317,6 +317,36 @@ class Learner:
         out = get(host.sample.remote(prompts, [policy] * len(prompts), self.sampling, seed))
         rows = [r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)]
         return get(worker.decode.remote(rows))
+
+    def heldout(self, prompts: list, columns: list[dict], seed: int = 0) -> dict[str, dict]:
+        """Each policy on held-out prompts (data.eval_prompts / eval_fraction): one completion per prompt,
+        sampled at the run's settings under a fixed seed, scored by the policy's own rewards as in training.
+        Per policy: eval/reward (the total before reward_weight), eval/rewards/NAME/mean|std, eval/length."""
+        worker, host = self.workers[0], self.hosts[self.worker_host[0]]
+        ids, texts, stop = get(worker.prepare.remote(prompts))
+        n = len(ids)
+        policies = [p for p in self.policies for _ in range(n)]
+        settings = replace(self.sampling, scored=False, stop_token_ids=stop)
+        out = get(host.sample.remote(ids * len(self.policies), policies, settings, seed))
+        prompt_ids, prompt_mask = pad_left(ids * len(self.policies), 0)
+        batch = Batch(input_ids=torch.cat([prompt_ids, out.responses], 1),
+                      attention_mask=torch.cat([prompt_mask, out.response_mask], 1),
+                      response_mask=out.response_mask, response_start=prompt_ids.shape[1], policies=policies,
+                      prompt_ids=list(range(n)) * len(self.policies), texts=texts * len(self.policies),
+                      columns=list(columns) * len(self.policies))
+        ev = self.evaluate(batch) if any(self.adapter[p] for p in self.policies) else None
+        totals, stats = self.rewards(batch, ev)
+        metrics = {}
+        for p in self.policies:
+            rows = batch.rows(p)
+            metrics[p] = {"eval/reward": float(totals[rows].mean()),
+                          "eval/length": float(out.response_mask[rows].sum(1).float().mean()),
+                          **{f"eval/{k}": v for k, v in stats[p].items()}}
+        if self.gold_fn is not None:
+            self._gold_metrics(batch, metrics)
+            for p in self.policies:
+                metrics[p]["eval/gold/score"] = metrics[p].pop("gold/score")
+        return metrics
 
     def checksums(self) -> dict[str, list[str]]:
         return {p: self.hosts.checksums(p) for p in self.policies}

@@ -44,3 +44,33 @@ def test_top_k_one_is_greedy(model):
     sampled = model.generate(ids, mask, "a", max_new_tokens=8, top_k=1)
     assert torch.equal(greedy, sampled)
     assert greedy.shape == (2, 12)  # exact length: min_new_tokens defaults to max_new_tokens
+
+
+@pytest.mark.parametrize("kind", ["hf", "lean"])
+def test_stop_token_ids_end_a_response_like_eos(model, kind):
+    """A token in settings.stop_token_ids (a chat template's end of turn) ends a response as EOS does:
+    the tokens before it are as without it, it is kept, and everything after is padding (mask 0)."""
+    from dataclasses import replace
+
+    from marl_ray.model import sampling
+
+    prompts = [[1, 50, 60, 70], [1, 80, 90, 100, 110]]
+    plain = sampling.SamplingSettings(max_new_tokens=8, min_new_tokens=1, do_sample=False, stop_at_eos=True)
+    s = sampling.make(kind, model.base)
+    free = s.sample(model, prompts, ["a", "a"], plain, seed=0)
+    stop = int(free.responses[0, 1])  # greedy: the second token of row 0 (not EOS)
+    assert stop not in (model.base.generation_config.eos_token_id, 0)
+    stopped = s.sample(model, prompts, ["a", "a"], replace(plain, stop_token_ids=(stop,)), seed=0)
+    for i in range(2):
+        hits = ((free.responses[i] == stop) & free.response_mask[i].bool()).nonzero()
+        if len(hits):
+            end = int(hits[0]) + 1
+            assert stopped.responses[i, :end].tolist() == free.responses[i, :end].tolist()
+            assert stopped.response_mask[i].tolist() == [1] * end + [0] * (8 - end)
+        else:
+            assert torch.equal(stopped.responses[i], free.responses[i])
+            assert torch.equal(stopped.response_mask[i], free.response_mask[i])
+    assert stopped.response_mask[0].sum() <= 2
+    # without stop_at_eos every response has max_new_tokens tokens and never holds a stop token
+    exact = s.sample(model, prompts, ["a", "a"], replace(plain, stop_at_eos=False, stop_token_ids=(stop,)), seed=0)
+    assert exact.response_mask.all() and not (exact.responses == stop).any()
