@@ -123,10 +123,151 @@ def test_save_and_reload_policy_folder(trl_model, inputs, reward_dir_trl, tmp_pa
     m.set_adapter("policy_1")
     with torch.no_grad():
         want = m(**inputs)
-    m.save_pretrained(tmp_path / "p1")
+    m.save_pretrained(tmp_path / "p1", adapter_name="policy_1")  # that policy alone, at the top
     again = AutoModelForCausalLMWithValueHead.from_pretrained(
         str(tmp_path / "p1"), reward_adapter=str(reward_dir_trl), quantization_config="8bit")
-    assert again.active == "default"
+    assert again.active == "default" and again.model.policies == ["default"]
+    again.eval()  # a new model is in training mode, as in TRL: its value head's dropout is on
     with torch.no_grad():
         got = again(**inputs)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+def test_save_and_reload_every_policy(trl_model, inputs, reward_dir_trl, tmp_path):
+    """Without adapter_name: peft's layout ("default" at the top, each other policy in a subfolder
+    of its name, each with its value head); loading gives back every policy under its name."""
+    m = trl_model
+    want = {}
+    with torch.no_grad():
+        for name in ("default", "policy_1"):
+            m.set_adapter(name)
+            want[name] = m(**inputs)
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "policy_1" / "adapter_config.json").is_file()
+    assert (tmp_path / "policy_1" / "pytorch_model.bin").is_file()
+    again = AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path), reward_adapter=str(reward_dir_trl),
+                                                              quantization_config="8bit")
+    assert again.model.roles == {"default": "policy", "policy_1": "policy", "reward_adapter": "reward"}
+    again.eval()
+    for name in ("default", "policy_1"):
+        again.set_adapter(name)
+        with torch.no_grad():
+            got = again(**inputs)
+        assert torch.equal(got[0], want[name][0]) and torch.equal(got[2], want[name][2]), name
+
+
+# ---------------------------------------------------------------------------- TRL 0.11.4's multi-adapter tests
+def reward_model_logits(base_dir, reward_dir, ids):
+    """What the reward adapter scores as the sequence-classification model it was trained as."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import quiet_from_pretrained
+
+    seq = quiet_from_pretrained(AutoModelForSequenceClassification, str(base_dir), num_labels=1)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(seq, str(reward_dir)).eval()(input_ids=ids).logits
+
+
+def test_peft_model_with_reward_adapter_trains_and_keeps_scores(base_dir, reward_dir_trl, tokenizer):
+    """TRL test_peft_model_ppo_adapter_rm_trainer and test_peft_model_ppo_trainer (the PPO steps are
+    two plain optimizer steps here, the second with gradient checkpointing): a PeftModel instance is
+    the policy; the reward at the last token equals the reward model's logits before and after
+    training; only the policy's LoRA and the value head get gradients (TRL's parameter names)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import quiet_from_pretrained
+
+    ids = torch.tensor([tokenizer("the plot was slow")["input_ids"]] * 2)
+    want = reward_model_logits(base_dir, reward_dir_trl, ids)
+    peft_model = get_peft_model(quiet_from_pretrained(AutoModelForCausalLM, str(base_dir)), lora_config())
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(peft_model, reward_adapter=str(reward_dir_trl))
+    assert model.pretrained_model is peft_model and model.supports_rm_adapter
+    torch.testing.assert_close(model.compute_reward_score(ids)[:, -1, :], want, atol=1e-5, rtol=1e-5)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        logits, _, values = model(input_ids=ids)
+        logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
+        (-logprobs.mean() + values.pow(2).mean()).backward()
+        opt.step()
+    torch.testing.assert_close(model.compute_reward_score(ids)[:, -1, :], want, atol=1e-5, rtol=1e-5)
+    named = list(model.named_parameters())
+    assert any(n.startswith("v_head.") for n, _ in named) and any(".lora_A.reward_adapter." in n for n, _ in named)
+    for name, param in named:
+        if ("lora" in name or "v_head" in name) and "reward" not in name:
+            assert param.grad is not None, name
+        else:
+            assert param.grad is None, name
+
+
+def test_reward_adapter_on_a_model_instance(base_dir, reward_dir_trl, tokenizer):
+    """A base given as a model instance takes a reward adapter like a base given as a path."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import quiet_from_pretrained
+
+    ids = torch.tensor([tokenizer("a movie review")["input_ids"]])
+    base = quiet_from_pretrained(AutoModelForCausalLM, str(base_dir))
+    m = AutoModelForCausalLMWithValueHead.from_pretrained(base, peft_config=lora_config(),
+                                                          reward_adapter=str(reward_dir_trl))
+    torch.testing.assert_close(m.compute_reward_score(ids)[:, -1, :],
+                               reward_model_logits(base_dir, reward_dir_trl, ids), atol=1e-5, rtol=1e-5)
+    assert m.score is m.model.score_heads["reward_adapter"] and m.score.bias is None
+
+
+def test_refusals(base_dir, reward_dir_trl, tokenizer):
+    """TRL's from_pretrained refusals: a reward adapter without peft, a reward adapter that is not a
+    path, a peft_config that is not a PeftConfig; compute_reward_score without a reward adapter."""
+    with pytest.raises(ValueError, match="reward_adapter can only be used with a peft model"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), reward_adapter=str(reward_dir_trl))
+    with pytest.raises(ValueError, match="reward_adapter should be"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), peft_config=lora_config(), reward_adapter=3)
+    with pytest.raises(ValueError, match="peft_config should be"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), peft_config={"r": 4})
+    m = AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), peft_config=lora_config())
+    assert not m.supports_rm_adapter
+    with pytest.raises(ValueError, match="no reward adapter"):
+        m.compute_reward_score(torch.tensor([[1, 5, 9]]))
+
+
+def test_peft_api_is_the_source_of_truth(base_dir, reward_dir_trl, inputs):
+    """Adapters added, activated and deleted the peft way on `pretrained_model` are what the model
+    knows: the seed document's second policy, with its own value head."""
+    m = AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), peft_config=lora_config(),
+                                                          reward_adapter=str(reward_dir_trl))
+    m.eval()
+    with torch.no_grad():
+        out_default = m(**inputs)
+    m.pretrained_model.add_adapter("policy_1", lora_config())
+    with torch.no_grad():
+        for n, p in m.pretrained_model.named_parameters():
+            if ".lora_B.policy_1." in n:
+                p.normal_()
+    params = {id(p) for p in m.parameters()}  # an optimizer built now sees policy_1's head
+    assert id(m.model.value_heads["policy_1"].weight) in params
+    assert m.model.roles == {"default": "policy", "reward_adapter": "reward", "policy_1": "policy"}
+    m.compute_reward_score(**inputs, ppo_adapter_name="policy_1")
+    assert m.active == m.pretrained_model.active_adapter == "policy_1"
+    assert m.v_head.summary is m.model.value_heads["policy_1"]
+    with torch.no_grad():
+        out_1 = m(**inputs)
+    assert (out_1[0] - out_default[0]).abs().max() > 1e-3 and (out_1[2] - out_default[2]).abs().max() > 1e-3
+    m.pretrained_model.set_adapter("default")  # peft's own switch
+    assert m.active == "default"
+    with torch.no_grad():
+        again = m(**inputs)
+    assert torch.equal(again[0], out_default[0]) and torch.equal(again[2], out_default[2])
+    m.set_adapter("policy_1")  # ours moves peft's
+    assert m.pretrained_model.active_adapter == "policy_1"
+    m.set_adapter("default")
+    # every policy stays trainable, the reward adapter never is
+    lora = {n: p.requires_grad for n, p in m.named_parameters() if "lora_" in n}
+    assert all(v == (".reward_adapter." not in n) for n, v in lora.items())
+    m.pretrained_model.delete_adapter("policy_1")
+    with pytest.raises(ValueError, match="no policy adapter named 'policy_1'"):
+        m.compute_reward_score(**inputs, ppo_adapter_name="policy_1")
+    assert "policy_1" not in m.model.roles and "policy_1" not in m.model.value_heads
