@@ -27,11 +27,22 @@ class LoraSpec:
     r: int = opt(16, "LoRA rank.", ge=1)
     alpha: int = opt(32, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
     dropout: float = opt(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
-    target_modules: tuple[str, ...] = opt(("q_proj", "v_proj"), "Names of the modules LoRA wraps.")
+    target_modules: Optional[tuple[str, ...]] = opt(
+        None, "Modules LoRA wraps: names (a name matches each module whose dotted path ends with it, e.g. "
+        "q_proj), or all-linear (every linear layer but the output head); null = the attention's query and value "
+        "projections of the base's architecture: q_proj, v_proj on Llama, Mistral, Qwen2/3 and Gemma 2/3, the fused "
+        "qkv_proj on Phi-3, c_attn on GPT-2, all-linear on an architecture not in that table. A name that matches "
+        "nothing in the base is refused before training starts, with the names the base has.", one_or_many=True)
 
     def _check(self, at: str) -> None:
+        if self.target_modules is None:
+            return
         if not self.target_modules:
-            _fail(_join(at, "target_modules"), "list at least one module name, e.g. [q_proj, v_proj]")
+            _fail(_join(at, "target_modules"), "list at least one module name, e.g. [q_proj, v_proj], or all-linear, "
+                  "or null for the architecture's default")
+        if len(self.target_modules) > 1 and any(t.lower() == "all-linear" for t in self.target_modules):
+            _fail(_join(at, "target_modules"), f"{list(self.target_modules)}: all-linear already names every linear "
+                  "layer; give it alone or list names")
 
 
 @spec

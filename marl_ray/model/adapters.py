@@ -45,7 +45,9 @@ class AdapterRegistry(nn.Module):
         self.quantization = ("4bit" if getattr(base, "is_loaded_in_4bit", False)
                              else "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none")
         self.fingerprint = base_fingerprint(base)
-        self.hidden_size = base.config.hidden_size
+        # the decoder's width (GPT-2 calls it n_embd; a multimodal config keeps it in its text config)
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.hidden_size = cfg.hidden_size
         self._lora_cache: dict[str, dict[str, nn.Parameter]] = {}
 
     # ---------------------------------------------------------------- adapters
@@ -70,8 +72,19 @@ class AdapterRegistry(nn.Module):
             raise AdapterError(f"adapter name {name!r} is already used by a {self.roles[name]} adapter: "
                                "each adapter needs its own name")
 
-    def _inject(self, name: str, config):
-        """Add an (untrained) LoRA adapter `name` to the base."""
+    def _inject(self, name: str, config, what: str | None = None):
+        """Add an (untrained) LoRA adapter `name` to the base. Its target_modules: null = the
+        architecture's default, all-linear, or names that must each match a module of the base
+        (`targets.resolve`: the error names the base's linear layers)."""
+        import copy
+
+        from marl_ray.model import targets
+
+        config = copy.deepcopy(config)
+        config.target_modules = targets.resolve(config.target_modules, self.base,
+                                                f"{what or f'adapter {name!r}'}: target_modules")
+        if targets.conv1d_only(config.target_modules, self.base):
+            config.fan_in_fan_out = True  # GPT-2's Conv1D keeps its weight transposed
         self.peft = routing.inject(self.peft, self.base, name, config)
         self._lora_cache.clear()
 
@@ -108,7 +121,7 @@ class AdapterRegistry(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self._inject(name, lora_config)
+            self._inject(name, lora_config, f"policy {name!r}")
             head = self._new_value_head() if value_head else None
         if head is not None:
             self.value_heads[name] = head
@@ -117,12 +130,15 @@ class AdapterRegistry(nn.Module):
 
     def _load_lora(self, name: str, role: str, config, lora_state: dict, what: str):
         """Inject adapter `name` and copy its weights in; all-or-nothing (nothing changes on error)."""
-        self._inject(name, config)
+        self._inject(name, config, what)
         try:
             params = dict(self._lora_params(name))
             if not params:
+                from marl_ray.model.targets import linear_names
+
                 raise AdapterError(f"{what}: its target modules {sorted(config.target_modules or [])} match "
-                                   "no module of this base")
+                                   f"no module of this base; its linear layers are named "
+                                   f"{', '.join(linear_names(self.base))}")
             want = {}
             for k, v in lora_state.items():
                 target = k.replace(".weight", f".{name}.weight") if ("lora_A" in k or "lora_B" in k) else k

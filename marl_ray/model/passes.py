@@ -35,6 +35,15 @@ def last_token_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     return T - 1 - flipped.argmax(-1)
 
 
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    """The decoder's list of layers: `layers` in most architectures, `h` in GPT-2's."""
+    for name in ("layers", "h"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return nn.ModuleList()
+
+
 @contextlib.contextmanager
 def checkpointed_layers(decoder: nn.Module):
     """Run each of `decoder.layers` under torch.utils.checkpoint (non-reentrant): the backward pass
@@ -43,7 +52,7 @@ def checkpointed_layers(decoder: nn.Module):
     recomputation is exact."""
     from torch.utils.checkpoint import checkpoint
 
-    layers = list(getattr(decoder, "layers", []))
+    layers = list(decoder_layers(decoder))
     for layer in layers:
         forward = layer.forward
 
@@ -93,6 +102,8 @@ class MultiAdapterModel(AdapterRegistry):
         if passes not in ("auto", "hf"):
             raise ValueError(f"passes={passes!r}: use 'auto' or 'hf'")
         self.passes = passes
+        cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2: applied as HF does
         self.sampler = sampling.make(sampler, base)
         self._lean_model = None
         # Recompute each decoder layer in the backward pass instead of keeping its activations
@@ -142,9 +153,14 @@ class MultiAdapterModel(AdapterRegistry):
 
 
     def lm_logits(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        """The base's logits from final hidden states, as its own forward computes them: the output
+        head, then (Gemma 2) the soft cap cap * tanh(logits / cap) of `final_logit_softcapping`."""
         # contiguous: callers pass slices ([:, :-1]); a linear layer on a strided 3-D input runs as
         # a batched product over a copy of its weight per row, 2-4x slower than one folded product
-        return self.base.get_output_embeddings()(hidden_BTH.contiguous()).float()
+        logits = self.base.get_output_embeddings()(hidden_BTH.contiguous())
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.float()
 
     def values(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
         """Value estimates of policy `name` (zeros for a policy without a value head: a critic-free one)."""

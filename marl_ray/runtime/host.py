@@ -71,8 +71,9 @@ class ModelHost:
             if p.init_from:
                 self.model.load_policy(p.name, p.init_from, value_head=p.critic)
             else:
+                # target_modules None: the architecture's default (model/targets.py), resolved by add_policy
                 cfg = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
-                                 target_modules=list(p.lora.target_modules))
+                                 target_modules=None if p.lora.target_modules is None else list(p.lora.target_modules))
                 # Same seed on every host: replicas start identical.
                 self.model.add_policy(p.name, cfg, seed=seed * 1000 + i, value_head=p.critic)
             self.optimizers[p.name] = torch.optim.AdamW(

@@ -210,11 +210,29 @@ def keep_adapters_fp32(model) -> None:
             p.data = p.data.float()
 
 
-def lora_config(spec, task_type: str):
+def lora_config(spec, task_type: str, model):
+    """peft's LoraConfig of a LoraSpec for `model` (target_modules null: the architecture's default)."""
     from peft import LoraConfig
 
+    from marl_ray.model import targets
+
+    try:
+        modules = targets.resolve(spec.target_modules, model, "lora.target_modules")
+    except targets.TargetModulesError as e:
+        raise ConfigError(str(e)) from None
     return LoraConfig(task_type=task_type, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=list(spec.target_modules))
+                      target_modules=modules, fan_in_fan_out=targets.conv1d_only(modules, model))
+
+
+def check_targets(base: str, target_modules, field: str) -> None:
+    """Refuse LoRA target names that match nothing in a local base folder, before anything is loaded or
+    written (the error names the base's linear layers)."""
+    from marl_ray.model import targets
+
+    try:
+        targets.check_base(base, target_modules, field)
+    except targets.TargetModulesError as e:
+        raise ConfigError(str(e)) from None
 
 
 def trainer_args(cls, cfg, ckpt_dir: Path, steps: int | None, epochs: float, **extra):

@@ -14,6 +14,21 @@ from marl_ray.data.prompts import eval_rows, is_conversation
 log = logging.getLogger(__name__)
 
 
+def check_lora_targets(cfg: PPORunConfig):
+    """Each new policy's lora.target_modules must match modules of the base (a local folder: read from its
+    config alone, no weights); the error names the base's linear layers. A hub id is checked by the hosts."""
+    from marl_ray.model import targets
+
+    named = [(i, p.lora.target_modules) for i, p in enumerate(cfg.policies)
+             if not p.init_from and p.lora.target_modules is not None and not targets.is_all_linear(p.lora.target_modules)]
+    skeleton = targets.skeleton(cfg.model.base) if named else None
+    for i, modules in named if skeleton is not None else ():
+        try:
+            targets.check(modules, skeleton, f"policies[{i}].lora.target_modules")
+        except targets.TargetModulesError as e:
+            raise ConfigError(str(e)) from None
+
+
 def check_inputs(cfg: PPORunConfig):
     """Fail before any actor starts: paths that must exist locally, named by their config field."""
     def local(path: str) -> bool:
@@ -39,6 +54,7 @@ def check_inputs(cfg: PPORunConfig):
     for i, p in enumerate(cfg.policies):
         if p.init_from and not Path(p.init_from).expanduser().exists():
             raise ConfigError(f"policies[{i}].init_from: {p.init_from!r} does not exist")
+    check_lora_targets(cfg)
     columns: list[str] = []
     if cfg.data.prompts != "embedded":  # a malformed row fails here (named), not inside a rollout worker
         from marl_ray.runtime.rollout import load_prompt_rows

@@ -29,13 +29,14 @@ from marl_ray.stages import common
 log = logging.getLogger(__name__)
 
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 @spec
 class RewardLoraSpec(LoraSpec):
-    target_modules: tuple[str, ...] = opt(ALL_LINEAR, "Names of the modules LoRA wraps (Llama names; every "
-                                                      "attention and MLP projection by default).")
+    target_modules: Optional[tuple[str, ...]] = opt(
+        ("all-linear",), "Modules LoRA wraps: all-linear (every linear layer but the output head and the score "
+        "head: on Llama q/k/v/o_proj and gate/up/down_proj; the fused qkv_proj and gate_up_proj on Phi-3; c_attn, "
+        "c_proj, c_fc on GPT-2), or names (a name matches each module whose dotted path ends with it), or null = "
+        "the attention's query and value projections of the base's architecture (see lora.target_modules of a "
+        "policy). A name that matches nothing in the base is refused before training starts.", one_or_many=True)
 
 
 @spec
@@ -202,6 +203,7 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
 
     t0 = time.perf_counter()
     common.check_local_base(cfg.base, "base")
+    common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
     train_pairs, held_pairs = _pairs(cfg)  # data errors (a bad JSONL line) before any model work
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "reward", "adapter")
     if done is not None:
@@ -212,7 +214,7 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
     tokenizer.model_max_length = cfg.max_len
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(model, common.lora_config(cfg.lora, "SEQ_CLS"))
+        model = get_peft_model(model, common.lora_config(cfg.lora, "SEQ_CLS", model))
     init_acc = None if resume_from else _accuracy(*pairwise_scores(model, tokenizer, held_pairs, cfg.batch_size))
     args = common.trainer_args(TRLRewardConfig, cfg, ckpt_dir, cfg.steps, cfg.epochs, max_length=None,
                                center_rewards_coefficient=None)

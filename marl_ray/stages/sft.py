@@ -220,6 +220,8 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
     result = "adapter" if cfg.mode == "lora" else "base"
     if cfg.base != "scratch":
         common.check_local_base(cfg.base, "base")
+        if cfg.mode == "lora":  # a target name that matches nothing: refused before anything is written
+            common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
     train_texts, eval_texts = _texts(cfg)  # data errors (a bad JSONL line) before any model work
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "sft", result)
     if done is not None:
@@ -230,7 +232,7 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
     else:
         model, tokenizer = _pretrained_model(cfg)
     fingerprint = base_fingerprint(model)  # of the frozen base, for mode=lora's marl_ray.json
-    peft_config = common.lora_config(cfg.lora, "CAUSAL_LM") if cfg.mode == "lora" else None
+    peft_config = common.lora_config(cfg.lora, "CAUSAL_LM", model) if cfg.mode == "lora" else None
     args = common.trainer_args(
         TRLSFTConfig, cfg, ckpt_dir, cfg.steps, cfg.epochs, learning_rate=cfg.learning_rate,
         max_length=cfg.max_len, packing=cfg.packing, dataset_text_field="text", eval_packing=False)

@@ -57,7 +57,8 @@ def test_minimal_yaml_loads_with_defaults(cfg_file):
     assert cfg.rewards == (RewardSpec(name="rm", path="runs/rm"),)
     assert [p.name for p in cfg.policies] == ["alice", "bob"]
     assert cfg.policies[1].reward_weight == -1.0 and cfg.policies[0].reward_weight == 1.0
-    assert cfg.policies[0].lora == LoraSpec() and cfg.policies[0].lora.target_modules == ("q_proj", "v_proj")
+    # null: the architecture's query and value projections (model/targets.py), q_proj and v_proj on Llama
+    assert cfg.policies[0].lora == LoraSpec() and cfg.policies[0].lora.target_modules is None
     assert cfg.ppo == PPOSpec() and cfg.generation == GenerationSpec() and cfg.cluster == ClusterSpec()
     assert cfg.ppo.batch_size == 16 and cfg.ppo.mini_batch_size == 8 and cfg.ppo.kl_penalty == "kl"
     assert cfg.model.quantization == "none" and cfg.model.dtype == "fp32" and cfg.model.tokenizer is None
@@ -144,6 +145,8 @@ def test_override_errors(cfg_file):
     (["policies[0].lora.r=0"], "policies[0].lora.r: 0 must be >= 1"),
     (["policies[0].lora.dropout=1"], "policies[0].lora.dropout: 1.0 must be >= 0 and < 1"),
     (["policies[0].lora.target_modules=[]"], "policies[0].lora.target_modules: list at least one module"),
+    (["policies[0].lora.target_modules=[all-linear, q_proj]"],
+     "policies[0].lora.target_modules: ['all-linear', 'q_proj']: all-linear already names every linear layer"),
     (["generation.temperature=0"], "generation.temperature: 0.0 must be > 0"),
     (["generation.min_new_tokens=40"], "generation.min_new_tokens: 40 is larger than generation.max_new_tokens 32"),
     (["cluster.num_hosts=0"], "cluster.num_hosts: 0 must be >= 1"),
@@ -217,7 +220,7 @@ def test_unknown_key_suggests_and_lists_valid_keys():
     ({"model": {"base": 12}}, "model.base: expected a string, got int 12 (quote it)"),
     ({"ppo": [1, 2]}, "ppo: expected a mapping of PPOSpec fields"),
     ({"policies": {"name": "a"}}, "policies: expected a list of PolicySpec"),
-    ({"policies": [{"name": "a", "reward": "rm", "lora": {"target_modules": "q_proj"}}]},
+    ({"policies": [{"name": "a", "reward": "rm", "lora": {"target_modules": 3}}]},
      "policies[0].lora.target_modules: expected a list of str"),
     ({"policies": [{"name": "a", "reward": "rm", "lora": {"target_modules": ["q", 3]}}]},
      "policies[0].lora.target_modules[1]: expected a string, got int 3"),
@@ -292,7 +295,7 @@ def test_help_lists_every_field():
     assert "ppo.mini_batch_size (int >= 1, default 8):" in text
     assert "model.base (str, required):" in text
     assert "model.quantization (none|8bit|4bit, default none):" in text
-    assert "policies[i].lora.target_modules (list of str, default [q_proj, v_proj]):" in text
+    assert "policies[i].lora.target_modules (list of str or null, default null):" in text
     assert "generation.min_new_tokens (int >= 0 or null, default null):" in text
     assert "ppo.lam (float > 0 and <= 1, default 0.95):" in text
 
