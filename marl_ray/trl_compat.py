@@ -413,11 +413,27 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
         """(lm_logits fp32 (B, T, V), loss (with `labels`) or None, value (B, T)) under the active policy,
         plus the past key values with `return_past_key_values=True`; other arguments go to the model."""
         self.sync_with_peft()
-        kwargs["output_hidden_states"] = True
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
-        out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        value = self.v_head(out.hidden_states[-1]).squeeze(-1)
+        # The final hidden states come from a hook on the decoder held for this call only: asking
+        # transformers for output_hidden_states installs hooks on the layers for good, and with
+        # them the registry's own passes leave their fast path.
+        get_decoder = getattr(self.model.base, "get_decoder", None)
+        decoder = get_decoder() if get_decoder is not None else None
+        if decoder is None or kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = True
+            out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = out.hidden_states[-1]
+        else:
+            seen = []
+            handle = decoder.register_forward_hook(
+                lambda _m, _a, o: seen.append(o[0] if isinstance(o, tuple) else o.last_hidden_state))
+            try:
+                out = self.pretrained_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            finally:
+                handle.remove()
+            hidden = seen[-1]
+        value = self.v_head(hidden).squeeze(-1)
         logits = out.logits if out.logits.dtype == torch.float32 else out.logits.float()
         if return_past_key_values:
             return logits, out.loss, value, out.past_key_values

@@ -271,3 +271,17 @@ def test_peft_api_is_the_source_of_truth(base_dir, reward_dir_trl, inputs):
     with pytest.raises(ValueError, match="no policy adapter named 'policy_1'"):
         m.compute_reward_score(**inputs, ppo_adapter_name="policy_1")
     assert "policy_1" not in m.model.roles and "policy_1" not in m.model.value_heads
+
+
+def test_forward_leaves_the_registry_fast_path(base_dir, inputs):
+    """The drop-in's forward reads the final hidden states through a hook held for the call only:
+    transformers' output_hidden_states would leave hooks on the layers for good, and with them the
+    registry's passes (reward scoring, evaluate) would fall back from decoding.LeanLlama."""
+    from marl_ray.model import decoding
+
+    m = AutoModelForCausalLMWithValueHead.from_pretrained(str(base_dir), peft_config=lora_config()).eval()
+    assert decoding.supports(m.model.base)
+    logits, _, values = m(**inputs)
+    assert decoding.supports(m.model.base)
+    _, _, values_2 = m(**inputs, output_hidden_states=True)  # asked for: passed on, same values
+    torch.testing.assert_close(values_2, values, atol=1e-6, rtol=0)

@@ -264,3 +264,15 @@ def test_checkpoint_names_and_keeps_other_files(base_dir, tmp_path):
     assert (tmp_path / "tokenizer_config.json").is_file() and (tmp_path / "adapter_config.json").is_file()
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base_dir) and cfg["peft_type"] == "LORA"
+
+
+def test_constructor_wraps_models(base_dir):
+    """TRL's constructor, AutoModelForCausalLMWithValueHead(pretrained_model, **v_head_kwargs):
+    a causal LM gives the full model, a PeftModel the peft one."""
+    from peft import get_peft_model
+
+    full = VHModel(causal_lm(base_dir), summary_dropout_prob=0.2)
+    assert not full.is_peft_model and full.v_head.dropout.p == 0.2
+    peft_model = get_peft_model(causal_lm(base_dir), lora_config())
+    model = VHModel(peft_model)
+    assert model.is_peft_model and model.pretrained_model is peft_model and model.active == "default"
