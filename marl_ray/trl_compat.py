@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from marl_ray.model import MultiAdapterModel, last_token_index, load_base
 
@@ -98,8 +99,6 @@ def _load_causal_lm(src, model_args, quantization, dtype, device_map, extra: dic
     """The base, loaded like `load_base` (frozen, eval); extra transformers arguments pass through."""
     if not model_args and not extra:
         return load_base(str(src), quantization, dtype, device_map)
-    from transformers import AutoModelForCausalLM
-
     from marl_ray.model.loading import DTYPES, keep_4bit_layout, quantization_config
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -119,6 +118,7 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
     """A causal LM with a value head; with peft: named LoRA policies (each with its own value head)
     and a reward adapter with a score head on the one base."""
 
+    transformers_parent_class = AutoModelForCausalLM
     lm_head_namings = ("lm_head", "embed_out")
     supported_args = V_HEAD_ARGS
 
@@ -361,7 +361,8 @@ class AutoModelForCausalLMWithValueHead(nn.Module):
             self.sync_with_peft()
         head = self._modules["v_head"]
         if head is None:
-            raise AttributeError(f"the active adapter {self.active!r} is not a policy with a value head")
+            raise ValueError(f"the active adapter {self.active!r} is not a policy with a value head: "
+                             f"activate one of {self.model.policies} (set_adapter)")
         return head
 
     @property

@@ -158,7 +158,9 @@ def test_full_checkpoint_loads_in_transformers(full, base_dir, tmp_path, shard):
     """VH test_from_save_transformers and test_from_save_transformers_sharded: the folder is an
     ordinary transformers checkpoint; our state dict is the model's plus v_head.*."""
     full.save_pretrained(tmp_path, max_shard_size=shard) if shard else full.save_pretrained(tmp_path)
-    original, reloaded = causal_lm(base_dir).state_dict(), causal_lm(tmp_path).state_dict()
+    parent = VHModel.transformers_parent_class
+    original = quiet_from_pretrained(parent, str(base_dir)).state_dict()
+    reloaded = quiet_from_pretrained(parent, str(tmp_path)).state_dict()
     assert_same_state(reloaded, original)
     ours = full.state_dict()
     assert {k for k in ours if not k.startswith("v_head.")} == set(original)
