@@ -19,8 +19,8 @@ def check_lora_targets(cfg: PPORunConfig):
     config alone, no weights); the error names the base's linear layers. A hub id is checked by the hosts."""
     from marl_ray.model import targets
 
-    named = [(i, p.lora.target_modules) for i, p in enumerate(cfg.policies)
-             if not p.init_from and p.lora.target_modules is not None and not targets.is_all_linear(p.lora.target_modules)]
+    named = [(i, p.lora.target_modules) for i, p in enumerate(cfg.policies) if not p.init_from
+             and p.lora.target_modules is not None and not targets.is_all_linear(p.lora.target_modules)]
     skeleton = targets.skeleton(cfg.model.base) if named else None
     for i, modules in named if skeleton is not None else ():
         try:
