@@ -278,3 +278,10 @@ def test_constructor_wraps_models(base_dir):
     peft_model = get_peft_model(causal_lm(base_dir), lora_config())
     model = VHModel(peft_model)
     assert model.is_peft_model and model.pretrained_model is peft_model and model.active == "default"
+
+
+def test_other_keyword_arguments_reach_transformers(base_dir):
+    """As in TRL, from_pretrained's other keyword arguments go to transformers' from_pretrained."""
+    model = VHModel.from_pretrained(str(base_dir), peft_config=lora_config(), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert model(IDS)[2].shape == IDS.shape
