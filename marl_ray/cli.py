@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -55,17 +54,46 @@ def _reward(argv: list[str]) -> int:
 COMMANDS = {"ppo": _ppo, "demo": _demo, "sft": _sft, "reward": _reward}
 
 
+def console_flags(argv: list[str]) -> tuple[list[str], str, bool]:
+    """(argv without them, log level, quiet): --quiet / -q and --log-level LEVEL, anywhere in argv."""
+    rest, level, quiet = [], "INFO", False
+    it = iter(argv)
+    for a in it:
+        if a in ("--quiet", "-q"):
+            quiet = True
+        elif a == "--log-level":
+            level = next(it, None)
+            if level is None:
+                raise SystemExit("marl-ray: --log-level needs a value: one of DEBUG, INFO, WARNING, ERROR")
+        elif a.startswith("--log-level="):
+            level = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return rest, level, quiet
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from marl_ray import console
+
+    argv, level, quiet = console_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        console.setup(level, quiet)
+    except ValueError as e:
+        print(f"marl-ray: {e}", file=sys.stderr)
+        return 2
     top = argparse.ArgumentParser(
         prog="marl-ray",
-        description="Multi-Adapter RL on Ray: SFT, reward-adapter training and PPO of several LoRA policies, "
-                    "all on one shared base model.",
-        epilog="Run `marl-ray COMMAND --help` for the options of a command.")
+        description="Multi-Adapter RL on Ray: SFT, reward-adapter training and RL (PPO, GRPO, RLOO, REINFORCE++) "
+                    "of several LoRA policies, all on one shared base model.",
+        epilog="Run `marl-ray COMMAND --help` for the options of a command. Every command also takes --quiet "
+               "(warnings and errors only, no progress bars) and --log-level LEVEL (DEBUG, INFO, WARNING, ERROR; "
+               "default INFO); the full log goes to the run folder's log.txt either way.")
     top.add_argument("command", choices=sorted(COMMANDS),
                      help="sft: stage 1 (base on the target domain); reward: stage 2 (reward adapter); "
-                          "ppo: stage 3 (policies on Ray); demo: all three on the embedded default")
+                          "ppo: stage 3 (policies on Ray); demo: all three on an embedded task")
+    top.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    top.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     help="console log level (default INFO)")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2

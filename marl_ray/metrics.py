@@ -6,9 +6,21 @@ import json
 import math
 from pathlib import Path
 
+from marl_ray import console
+
 # Shown in the one-line log summary of each policy (TRL's PPO names).
 SUMMARY = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "loss/policy_avg",
            "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "perf/samples_per_s")
+
+
+def _say(line: str) -> None:
+    """A line on stdout above any progress bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 class MetricsLogger:
@@ -31,10 +43,17 @@ class MetricsLogger:
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
         path.write_text("".join(ln + "\n" for ln in keep))
         self.jsonl = open(path, "a")
-        ev = self.dir / "eval.jsonl"
-        if ev.exists():
-            keep = [ln for ln in ev.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
-            ev.write_text("".join(ln + "\n" for ln in keep))
+        for name in ("eval.jsonl", "samples.jsonl"):
+            path = self.dir / name
+            if path.exists():
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < step]
+                path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log_samples(self, step: int, rows: list[dict]):
+        """Samples of a step (prompt, completion, reward, the prompt row's other fields) into samples.jsonl."""
+        with open(self.dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}, default=str, ensure_ascii=False) + "\n")
 
     def log_eval(self, steps_done: int, metrics: dict[str, dict[str, float]]):
         """A held-out evaluation after `steps_done` steps (0 = before the first) into eval.jsonl, and
@@ -47,9 +66,9 @@ class MetricsLogger:
                 for k, v in m.items():
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         self.tb.add_scalar(f"{policy}/{k}", v, steps_done)
-            if self.echo:
+            if not console.quiet():  # rare and wanted: shown above the bar too
                 parts = " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
-                print(f"eval after {steps_done} steps, policy {policy}: {parts}", flush=True)
+                _say(f"eval after {steps_done} steps, policy {policy}: {parts}")
         if self.tb is not None:
             self.tb.flush()
 
@@ -62,7 +81,7 @@ class MetricsLogger:
                         self.tb.add_scalar(f"{policy}/{k}", v, step)
             if self.echo:
                 parts = " ".join(f"{k}={m[k]:.4g}" for k in SUMMARY if k in m)
-                print(f"step {step} policy {policy}: {parts}", flush=True)
+                _say(f"step {step} policy {policy}: {parts}")
         self.jsonl.flush()
         if self.tb is not None:
             self.tb.flush()

@@ -267,6 +267,8 @@ class RunSpec:
     keep_last: int = opt(2, "Number of most recent checkpoints to keep.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files into out_dir.")
     progress: bool = opt(True, "Show a progress bar.")
+    log_samples: int = opt(2, "Per policy per step, write this many samples (prompt, completion, reward and the "
+                           "row's other fields) to out_dir/samples.jsonl; 0 = none.", ge=0)
     eval_every: int = opt(0, "With held-out prompts (data.eval_prompts or data.eval_fraction): evaluate every N "
                           "steps as well as before the first and after the last; 0 = before and after only.", ge=0)
 

@@ -105,17 +105,18 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat: bool = Fa
 
 
 def build_tiny(out_dir: str | Path, texts: Iterable[str] | None = None, size: str = "tiny", seed: int = 0,
-               vocab_size: int = 512, arch: str = "llama", **overrides) -> Path:
+               vocab_size: int = 512, arch: str = "llama", chat: bool = False, **overrides) -> Path:
     """Write a model + tokenizer folder loadable by `AutoModelForCausalLM/AutoTokenizer.from_pretrained`.
 
-    arch: one of ARCHITECTURES (the layout of that family, see `arch_config`); llama by default."""
+    arch: one of ARCHITECTURES (the layout of that family, see `arch_config`); llama by default.
+    chat: the tokenizer has ChatML turn tokens and a chat template (`build_tokenizer(chat=True)`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if texts is None:
         from marl_ray.data.domain import corpus
 
         texts = corpus(2000, seed=seed)
-    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size, chat=chat)
     if arch == "llama":
         model = build_llama(size, seed=seed, vocab_size=len(tokenizer), **overrides)
     else:

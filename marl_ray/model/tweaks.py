@@ -87,3 +87,14 @@ def streamed_checkpoint_reads(keep_large_blocks_mapped: bool = False):
         if not keep_large_blocks_mapped:
             restore_dynamic_threshold()
         trim_heap()
+
+
+def quiet_known_warnings() -> None:
+    """Silence two third-party messages that every model host would print once, and that say nothing
+    about the run: peft reading transformers' deprecated `is_gradient_checkpointing` (a FutureWarning
+    from transformers 5) and bitsandbytes reporting on a CPU with AVX512-BF16 that the optional
+    `kernels` package (a hub download) is absent, after which it uses its own 4-bit kernel."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

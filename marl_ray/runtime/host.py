@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from marl_ray.model import tweaks
 from marl_ray.model.adapter_io import ADAPTER_WEIGHTS, VALUE_HEAD_FILE
 from marl_ray.runtime.protocol import (
     EvalRequest, Evaluation, Gradients, LossSettings, Minibatch, PolicyState, Samples, SamplingSettings, TrainResult,
@@ -48,6 +49,7 @@ class ModelHost:
 
     def __init__(self, model, rewards, policies, generation, seed: int = 0, torch_threads: int | None = None,
                  host_index: int = 0):
+        tweaks.quiet_known_warnings()  # this process is the host's own (on Ray): its console is the driver's
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         import transformers  # noqa: F401  (imported before the baseline reading)

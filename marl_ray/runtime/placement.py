@@ -10,6 +10,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from marl_ray import console
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and not _is_loopback(address):
-        ray.init(address=address, log_to_driver=True)  # a real cluster: Ray finds this node's address
+        ray.init(address=address, log_to_driver=not console.quiet())  # a real cluster: Ray finds this node's address
         return
     # A private Ray, or a cluster bound to 127.0.0.1 (deployments/local_head.sh): stay on loopback.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read by the Ray processes started here
@@ -38,11 +40,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not console.quiet())
     else:
         # address="local": always a new private instance, never one found via /tmp/ray/ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=not console.quiet())
 
 
 def alive_nodes() -> list[dict]:

@@ -6,6 +6,7 @@ An output folder `out_dir` of a stage holds
     checkpoints/         Trainer checkpoints (checkpoint-N) + run.json, while a run is unfinished
     base/ or adapter/    the result, written atomically (temp folder + rename): whole or absent
     train_log.jsonl      the Trainer's log history
+    log.txt              the stage's log (INFO and above, the Trainer's log dicts included), appended to
     <stage>_summary.json written last: its presence means the stage finished
 
 A rerun with the same training config resumes from the newest *complete* checkpoint (Trainer writes
@@ -27,6 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from marl_ray import console
 from marl_ray.config import ConfigError, save_config, to_dict
 
 log = logging.getLogger(__name__)
@@ -256,7 +258,7 @@ def trainer_args(cls, cfg, ckpt_dir: Path, steps: int | None, epochs: float, **e
         max_grad_norm=1.0, num_train_epochs=epochs, max_steps=steps if steps else -1,
         save_strategy="steps" if save else "no", save_steps=cfg.save_every if save else 500,
         save_total_limit=cfg.keep_last, eval_strategy="no", logging_steps=10, logging_first_step=True,
-        report_to="none", disable_tqdm=not cfg.progress, dataloader_num_workers=0,
+        report_to="none", disable_tqdm=not console.progress(cfg.progress), dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(), bf16=cfg.bf16, **{ckpt_flag: False},
     )
     if cfg.bf16 and not torch.cuda.is_available():

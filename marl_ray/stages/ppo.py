@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from marl_ray import console
 from marl_ray.model.adapter_io import atomic_dir
 from marl_ray.config import ConfigError, PPORunConfig, save_config
 from marl_ray.data.prompts import eval_rows, is_conversation
@@ -118,7 +119,11 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
     if not inprocess:
         init_ray(cfg.cluster.address)
     actors, learner = None, None
-    logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard)
+    # per-step lines on the console only without a progress bar (the bar shows each policy's reward)
+    logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard,
+                           echo=not console.progress(cfg.run.progress) and not console.quiet())
+    file_log = console.log_file(out)
+    file_log.__enter__()
     try:
         t0 = time.perf_counter()
         actors = (start_inprocess if inprocess else start_actors)(cfg, seed=cfg.run.seed)
@@ -152,6 +157,9 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             if heldout and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < cfg.ppo.steps:
                 evaluate_heldout()
 
+        log.info("training %s for %d steps of %d prompts -> %s (log: %s)",
+                 ", ".join(f"{p.name} ({p.algorithm}{', G=%d' % p.num_generations if p.num_generations > 1 else ''})"
+                           for p in cfg.policies), cfg.ppo.steps, cfg.ppo.batch_size, out, out / "log.txt")
         if heldout and learner.step < cfg.ppo.steps:
             evaluate_heldout()
         learner.fit(on_step=after_step)
@@ -181,6 +189,7 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
     finally:
+        file_log.__exit__(None, None, None)
         logger.close()
         if actors is not None:  # the learner's workers: it may have started some anew
             workers = learner.workers if learner is not None else actors.workers

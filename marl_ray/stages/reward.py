@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from marl_ray.config import ConfigError, LoraSpec, add_config_args, config_from_args, opt, spec, validate
+from marl_ray import console
 from marl_ray.stages import common
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ def run_reward(cfg: RewardConfig, callbacks: Sequence = ()) -> dict:
 
     `callbacks` are extra transformers TrainerCallbacks (progress hooks; tests interrupt with one).
     """
-    with common.quiet_progress():
+    with common.quiet_progress(), console.log_file(Path(cfg.out_dir).expanduser()):
         return _run_reward(cfg, callbacks)
 
 
@@ -222,6 +223,7 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
         trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                                 train_dataset=_tokenize(tokenizer, train_pairs, cfg.max_len),
                                 callbacks=list(callbacks))
+    console.route_trainer_logs(trainer, console.progress(cfg.progress))
     common.keep_adapters_fp32(trainer.model)
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model = trainer.model

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from marl_ray.config import ConfigError, LoraSpec, add_config_args, config_from_args, opt, spec, validate
+from marl_ray import console
 from marl_ray.stages import common
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def run_sft(cfg: SFTConfig, callbacks: Sequence = ()) -> dict:
 
     `callbacks` are extra transformers TrainerCallbacks (progress hooks; tests interrupt with one).
     """
-    with common.quiet_progress():
+    with common.quiet_progress(), console.log_file(Path(cfg.out_dir).expanduser()):
         return _run_sft(cfg, callbacks)
 
 
@@ -240,6 +241,7 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
                              train_dataset=Dataset.from_dict({"text": train_texts}),
                              eval_dataset=Dataset.from_dict({"text": eval_texts}), callbacks=list(callbacks))
+    console.route_trainer_logs(trainer, console.progress(cfg.progress))
     common.keep_adapters_fp32(trainer.model)
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     eval_loss = trainer.evaluate()["eval_loss"]

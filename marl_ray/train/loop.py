@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from marl_ray import console
 from marl_ray.model.sampling import SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
@@ -298,9 +299,27 @@ class Learner:
             metrics[p] = m
         if self.gold_fn is not None:
             self._gold_metrics(batch, metrics)
+        if self.logger is not None and self.cfg.run.log_samples:
+            self._log_samples(batch, adv)
         self.ledger.append({"step": self.step, "prompt_ids": sorted(set(batch.prompt_ids))})
         self.step += 1
         return metrics
+
+    def _log_samples(self, batch: Batch, adv: dict[str, PolicyAdvantages]):
+        """The first run.log_samples rows of each policy: prompt, completion, total reward, the row's fields."""
+        k = self.cfg.run.log_samples
+        picked = [(p, j, adv[p].rows[j]) for p in self.policies for j in range(min(k, len(adv[p].rows)))]
+        rows = [i for _, _, i in picked]
+        P = batch.response_start
+        texts = get(self.workers[0].decode.remote(
+            [batch.input_ids[i, :P][batch.attention_mask[i, :P].bool()].tolist() for i in rows]
+            + [batch.input_ids[i, P:][batch.response_mask[i].bool()].tolist() for i in rows]))
+        n = len(rows)
+        self.logger.log_samples(self.step, [
+            {"policy": p, "prompt": batch.texts[i] if batch.texts and batch.texts[i] is not None else texts[r],
+             "completion": texts[n + r], "reward": float(adv[p].raw_scores[j]),
+             **(batch.columns[i] if batch.columns else {})}
+            for r, (p, j, i) in enumerate(picked)])
 
     def _gold_metrics(self, batch: Batch, metrics: dict):
         texts = get(self.workers[0].decode.remote(
@@ -414,7 +433,7 @@ class Learner:
         for p, s in self.checksums().items():
             if len(set(s)) != 1:
                 raise ReplicaDivergence(f"policy {p!r}: hosts start from different weights: {s}")
-        bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not self.cfg.run.progress)
+        bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not console.progress(self.cfg.run.progress))
         save_every = self.cfg.run.save_every
         try:
             snap = None if self.local else resilience.take_snapshot(self)

@@ -132,7 +132,7 @@ def test_interrupted_reward_resumes(domain_base, tmp_path):
     (out / ".adapter.tmp-killed").mkdir()
     s = run_reward(cfg)
     assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "reward_summary.json",
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "log.txt", "reward_summary.json",
                                                      "train_log.jsonl"]
 
 

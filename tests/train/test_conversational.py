@@ -104,6 +104,11 @@ def test_held_out_conversations_are_scored_before_during_and_after(chat_assets, 
         assert 1 <= r["eval/length"] <= 6
     assert summary["eval"]["steps"] == [0, 2] and summary["eval"]["prompts"] == 3
     assert set(summary["eval"]["after"]) == {"g", "p"}
+    samples = read_metrics(tmp_path / "run" / "samples.jsonl")  # run.log_samples (2) per policy per step
+    assert sorted((r["step"], r["policy"]) for r in samples) == sorted((s, p) for s in (0, 1) for p in "gp" for _ in "ab")
+    for r in samples:
+        assert r["prompt"].endswith("<|im_start|>assistant\n") and r["topic"] in r["prompt"]
+        assert isinstance(r["completion"], str) and r["reward"] == pytest.approx(1.0 - len(r["completion"]) / 10)
 
 
 def test_eval_fraction_holds_prompts_out_of_training(chat_assets, tmp_path):
