@@ -14,6 +14,7 @@ Steps are few: what is tested is that every stage runs and hands its output on, 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,13 @@ def test_three_stages_on_an_fp32_base(arch_base, arch, tmp_path):
     check_ppo(summary, arch, sft["base"])
 
 
-# a subset of architecture x precision that keeps time: each quantization on two architectures with
-# fused or Conv1D layers among them, bf16 on two more
+# A subset of architecture x precision that keeps the suite's time: each quantization on two architectures
+# (fused or Conv1D layers among them), bf16 on two more. MARL_RAY_ARCH_MATRIX=1 runs all 24 (about 1.5 min
+# more on 2 cores): the table of docs/architectures.md.
 PRECISION_RUNS = [("phi3", "4bit"), ("gpt2", "8bit"), ("gemma2", "4bit"), ("qwen3", "8bit"), ("gemma3", "bf16"),
                   ("mistral", "bf16")]
+if os.environ.get("MARL_RAY_ARCH_MATRIX") == "1":
+    PRECISION_RUNS = [(a, p) for a in ARCHITECTURES for p in ("bf16", "8bit", "4bit")]
 
 
 @pytest.mark.parametrize("arch,precision", PRECISION_RUNS)
