@@ -47,7 +47,8 @@ class RewardConfig:
     out_dir: str = opt("runs/reward", "Output folder: adapter/ (the reward adapter), reward_summary.json, "
                                       "checkpoints/ while unfinished.")
     pairs: str = opt("embedded", "embedded = oracle-ranked pairs of the movie-review domain; else a JSONL file "
-                                 "with chosen/rejected (and optionally prompt) fields, or a `datasets` name.")
+                                 "with chosen/rejected (and optionally prompt) fields, texts or conversations (lists "
+                                 "of {role, content}, rendered with the base's chat template), or a `datasets` name.")
     pairs_split: str = opt("train", "Split to read when `pairs` is a `datasets` name.")
     eval_pairs: Optional[str] = opt(None, "JSONL file of held-out pairs; null = hold out eval_fraction of `pairs` "
                                           "(embedded: the domain's eval split).")
@@ -85,17 +86,56 @@ def _texts_of(row: dict) -> tuple[str, str]:
     return chosen, rejected
 
 
-def _check_rows(rows: list[dict], what: str) -> list[tuple[str, str]]:
+def _is_conversation(v) -> bool:
+    return isinstance(v, list) and all(isinstance(m, dict) for m in v)
+
+
+def _check_rows(rows: list[dict], what: str) -> list:
+    """Pairs as (chosen text, rejected text), or, for conversational rows (TRL's preference format: `chosen`
+    and `rejected` lists of {role, content} messages, with or without a `prompt` list), the row's
+    conversations {"prompt", "chosen", "rejected"}, rendered once the tokenizer is loaded (`_render`)."""
+    from marl_ray.data.prompts import PromptDataError, check_conversation
+
     out = []
     for i, r in enumerate(rows):
-        for k in ("chosen", "rejected") + (("prompt",) if r.get("prompt") is not None else ()):
+        keys = ("chosen", "rejected") + (("prompt",) if r.get("prompt") is not None else ())
+        conv = [k for k in keys if _is_conversation(r.get(k))]
+        if conv:
+            if len(conv) != len(keys):
+                raise ConfigError(f"{what}: row {i + 1}: {conv} are conversations but "
+                                  f"{[k for k in keys if k not in conv]} are not: give all as conversations or as "
+                                  "texts")
+            try:
+                for k in keys:
+                    check_conversation(r[k], f"{what}: row {i + 1}: {k!r}")
+            except PromptDataError as e:
+                raise ConfigError(str(e)) from None
+            out.append({"prompt": list(r.get("prompt") or []), "chosen": r["chosen"], "rejected": r["rejected"]})
+            continue
+        for k in keys:
             if not isinstance(r.get(k), str):
                 raise ConfigError(f"{what}: row {i + 1}: {k!r} is a {type(r.get(k)).__name__}, expected a string "
-                                  "(conversational pairs are not supported: give plain text)")
+                                  "or a conversation (a list of {role, content} messages)")
         out.append(_texts_of(r))
     if not out:
         raise ConfigError(f"{what}: no pairs found")
+    if 0 < sum(isinstance(p, dict) for p in out) < len(out):
+        raise ConfigError(f"{what}: some pairs are conversations and some texts: give one form")
     return out
+
+
+def _render(tokenizer, pairs: list, what: str) -> tuple[list[tuple[str, str]], bool]:
+    """(pairs as (chosen, rejected) texts, whether they are rendered conversations). A conversation is the
+    prompt's messages then the chosen (rejected) ones, rendered whole with the tokenizer's chat template,
+    as TRL's RewardTrainer renders conversational pairs; its text is tokenized without adding special
+    tokens again (the template has them), as a PPO prompt is."""
+    if not pairs or not isinstance(pairs[0], dict):
+        return pairs, False
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{what}: the pairs are conversations, but the base's tokenizer has no chat template: "
+                          "give it one (tokenizer_config.json chat_template) or give texts")
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+    return [(render(p["prompt"] + p["chosen"]), render(p["prompt"] + p["rejected"])) for p in pairs], True
 
 
 def _pairs(cfg: RewardConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -114,10 +154,11 @@ def _pairs(cfg: RewardConfig) -> tuple[list[tuple[str, str]], list[tuple[str, st
     return common.split_rows(train, cfg.eval_fraction, cfg.seed, "pairs")
 
 
-def _tokenize(tokenizer, pairs, max_len: int):
+def _tokenize(tokenizer, pairs, max_len: int, add_special_tokens: bool = True):
     from datasets import Dataset
 
-    enc = lambda texts: tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]  # noqa: E731
+    enc = lambda texts: tokenizer(texts, truncation=True, max_length=max_len,  # noqa: E731
+                                  add_special_tokens=add_special_tokens)["input_ids"]
     return Dataset.from_dict({"chosen_ids": enc([c for c, _ in pairs]), "rejected_ids": enc([r for _, r in pairs])})
 
 
@@ -148,7 +189,7 @@ def load_reward_model(base: str, quantization: str = "none", seed: int = 0):
     return model, tokenizer, base_fingerprint(model)
 
 
-def pairwise_scores(model, tokenizer, pairs, batch_size: int = 64):
+def pairwise_scores(model, tokenizer, pairs, batch_size: int = 64, add_special_tokens: bool = True):
     """(chosen scores, rejected scores) as float lists, read at each text's last real token."""
     import torch
 
@@ -162,7 +203,8 @@ def pairwise_scores(model, tokenizer, pairs, batch_size: int = 64):
                 scores = []
                 for i in range(0, len(texts), batch_size):
                     enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                    max_length=tokenizer.model_max_length).to(model.device)
+                                    max_length=tokenizer.model_max_length,
+                                    add_special_tokens=add_special_tokens).to(model.device)
                     logits = model(**enc).logits[:, 0].float()  # (B,) at the last non-pad token
                     scores += logits.tolist()
                 out.append(scores)
@@ -206,6 +248,13 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
     common.check_local_base(cfg.base, "base")
     common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
     train_pairs, held_pairs = _pairs(cfg)  # data errors (a bad JSONL line) before any model work
+    chat = isinstance(train_pairs[0], dict) or isinstance(held_pairs[0], dict)
+    if chat:  # conversations: rendered with the base's chat template, still before any model work
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.base)
+        train_pairs, _ = _render(tok, train_pairs, "pairs")
+        held_pairs, _ = _render(tok, held_pairs, "eval_pairs" if cfg.eval_pairs else "pairs")
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "reward", "adapter")
     if done is not None:
         log.info("reward already finished in %s (same config): nothing to do; --set resume=false retrains",
@@ -216,18 +265,19 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = get_peft_model(model, common.lora_config(cfg.lora, "SEQ_CLS", model))
-    init_acc = None if resume_from else _accuracy(*pairwise_scores(model, tokenizer, held_pairs, cfg.batch_size))
+    init_acc = None if resume_from else _accuracy(*pairwise_scores(model, tokenizer, held_pairs, cfg.batch_size,
+                                                                   add_special_tokens=not chat))
     args = common.trainer_args(TRLRewardConfig, cfg, ckpt_dir, cfg.steps, cfg.epochs, max_length=None,
                                center_rewards_coefficient=None)
     with common.quiet_transformers():
         trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                                train_dataset=_tokenize(tokenizer, train_pairs, cfg.max_len),
+                                train_dataset=_tokenize(tokenizer, train_pairs, cfg.max_len, not chat),
                                 callbacks=list(callbacks))
     console.route_trainer_logs(trainer, console.progress(cfg.progress))
     common.keep_adapters_fp32(trainer.model)
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model = trainer.model
-    chosen, rejected = pairwise_scores(model, tokenizer, held_pairs, cfg.batch_size)
+    chosen, rejected = pairwise_scores(model, tokenizer, held_pairs, cfg.batch_size, add_special_tokens=not chat)
     accuracy = _accuracy(chosen, rejected)
     oracle_corr = None
     if cfg.pairs == "embedded":

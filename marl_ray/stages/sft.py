@@ -50,8 +50,11 @@ class SFTConfig:
     hidden_size: Optional[int] = opt(None, "base=scratch: override the hidden size of `size`.", ge=8)
     num_layers: Optional[int] = opt(None, "base=scratch: override the number of layers of `size`.", ge=1)
     vocab_size: int = opt(512, "base=scratch: size of the BPE vocabulary trained on the data.", ge=16)
-    data: str = opt("embedded", "embedded = the generated movie-review corpus; else a JSONL file with a text "
-                                "field, or a `datasets` name or folder.")
+    data: str = opt("embedded", "embedded = the generated movie-review corpus; else a JSONL file or a `datasets` "
+                                "name or folder whose rows hold a text (text_field), a conversation ('messages': "
+                                "a list of {role, content}, rendered with the chat template), or 'prompt' + "
+                                "'completion' (texts or conversations; loss on the completion only), as TRL's "
+                                "SFTTrainer takes them.")
     data_split: str = opt("train", "Split to read when `data` is a `datasets` name.")
     text_field: str = opt("text", "Field (column) holding the text in a JSONL file or data set.")
     corpus_size: int = opt(20000, "data=embedded: number of reviews generated.", ge=2)
@@ -98,29 +101,88 @@ class SFTConfig:
         return DEFAULT_LR["scratch" if self.base == "scratch" else self.mode]
 
 
-def _texts(cfg: SFTConfig) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts)."""
+def _is_conversation(v) -> bool:
+    return isinstance(v, list) and all(isinstance(m, dict) for m in v)
+
+
+def _example(r: dict, where: str, text_field: str):
+    """A row as TRL's SFTTrainer takes it: a text (its `text_field`), {"messages": conversation}, or
+    {"prompt", "completion"} (texts or conversations; the loss is then on the completion only, as TRL's)."""
+    from marl_ray.data.prompts import PromptDataError, check_conversation
+
+    try:
+        if text_field in r:
+            t = r[text_field]
+            if not isinstance(t, str):
+                raise ConfigError(f"{where}: {text_field!r} is a {type(t).__name__}, expected a string")
+            return t if t.strip() else None
+        if "messages" in r:
+            check_conversation(r["messages"], where)
+            return {"messages": r["messages"]}
+        if "prompt" in r and "completion" in r:
+            p, c = r["prompt"], r["completion"]
+            if isinstance(p, str) and isinstance(c, str):
+                return {"prompt": p, "completion": c}
+            if _is_conversation(p) and _is_conversation(c):
+                check_conversation(p, f"{where}: 'prompt'")
+                check_conversation(c, f"{where}: 'completion'")
+                return {"prompt": p, "completion": c}
+            raise ConfigError(f"{where}: 'prompt' and 'completion' must be both texts or both conversations")
+    except PromptDataError as e:
+        raise ConfigError(str(e)) from None
+    raise ConfigError(f"{where} has no {text_field!r} field, nor 'messages', nor 'prompt' + 'completion'; its fields "
+                      f"are {sorted(r)}: set text_field to the one that holds the text")
+
+
+def _texts(cfg: SFTConfig) -> tuple[list, list]:
+    """(train examples, held-out examples): texts, or conversational / prompt-completion rows (`_example`)."""
     if cfg.data == "embedded":
         from marl_ray.data.domain import corpus
 
         texts = corpus(cfg.corpus_size, seed=cfg.seed)
     else:
-        rows = common.load_rows(cfg.data, [cfg.text_field], "data", cfg.data_split)
-        texts = []
-        for i, r in enumerate(rows):
-            t = r[cfg.text_field]
-            if not isinstance(t, str):
-                raise ConfigError(f"data: {cfg.data}: row {i + 1}: {cfg.text_field!r} is a {type(t).__name__}, "
-                                  "expected a string")
-            if t.strip():
-                texts.append(t)
+        rows = common.load_rows(cfg.data, [], "data", cfg.data_split)
+        texts = [e for i, r in enumerate(rows)
+                 if (e := _example(r, f"data: {cfg.data}: row {i + 1}", cfg.text_field)) is not None]
+        kinds = {type(e).__name__ if isinstance(e, str) else ",".join(sorted(e)) for e in texts}
+        if len(kinds) > 1:
+            raise ConfigError(f"data: {cfg.data} mixes row forms ({sorted(kinds)}): give one form per data set")
+        if not texts:
+            raise ConfigError(f"data: {cfg.data} has no non-empty rows")
     return common.split_rows(texts, cfg.eval_fraction, cfg.seed, "data")
 
 
-def _scratch_model(cfg: SFTConfig, train: list[str]):
+def _chat(examples: list) -> bool:
+    """Whether the examples are conversations (they need a chat template)."""
+    e = examples[0]
+    return isinstance(e, dict) and ("messages" in e or _is_conversation(e.get("prompt")))
+
+
+def _plain_texts(examples: list) -> list[str]:
+    """The words of the examples (a scratch tokenizer is trained on them)."""
+    out = []
+    for e in examples:
+        if isinstance(e, str):
+            out.append(e)
+            continue
+        for v in e.values():
+            out += [m["content"] for m in v] if isinstance(v, list) else [v]
+    return out
+
+
+def _dataset(examples: list):
+    from datasets import Dataset
+
+    if isinstance(examples[0], str):
+        return Dataset.from_dict({"text": examples})
+    return Dataset.from_list(examples)
+
+
+def _scratch_model(cfg: SFTConfig, train: list):
     from marl_ray.data.tiny import build_llama, build_tokenizer
 
-    tokenizer = build_tokenizer(train, vocab_size=cfg.vocab_size)
+    # conversations: a ChatML template and its turn tokens, as Qwen2's
+    tokenizer = build_tokenizer(_plain_texts(train), vocab_size=cfg.vocab_size, chat=_chat(train))
     tokenizer.model_max_length = max(tokenizer.model_max_length, cfg.max_len)
     dims = dict(SCRATCH_SIZES[cfg.size])
     if cfg.hidden_size:
@@ -162,14 +224,15 @@ def _sample(model, tokenizer, cfg: SFTConfig, held_out: list[str]) -> list[dict]
 
     from marl_ray.data import domain
 
+    chat = _chat(held_out)
     if cfg.data == "embedded":
         openings = domain.prompts(cfg.samples, seed=cfg.seed, split="eval")
     else:
-        openings = [" ".join(t.split()[:4]) for t in held_out[:cfg.samples]]
+        openings = [_opening(tokenizer, e) for e in held_out[:cfg.samples]]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(openings, return_tensors="pt", padding=True).to(model.device)
+    try:  # a rendered conversation has its special tokens already
+        enc = tokenizer(openings, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
     finally:
         tokenizer.padding_side = side
     was_training = model.training
@@ -185,6 +248,19 @@ def _sample(model, tokenizer, cfg: SFTConfig, held_out: list[str]) -> list[dict]
         for r in rows:
             r["oracle"] = domain.oracle_score(r["text"])
     return rows
+
+
+def _opening(tokenizer, e) -> str:
+    """What a sample continues: a text's first 4 words, a prompt-completion row's prompt, a conversation up
+    to its last assistant message, rendered for the assistant's turn."""
+    if isinstance(e, str):
+        return " ".join(e.split()[:4])
+    if "messages" in e:
+        msgs = e["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        return tokenizer.apply_chat_template(msgs[:last] or msgs[:1], add_generation_prompt=True, tokenize=False)
+    p = e["prompt"]
+    return p if isinstance(p, str) else tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
 
 
 def _sample_stats(samples: list[dict]) -> dict:
@@ -224,6 +300,12 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
         if cfg.mode == "lora":  # a target name that matches nothing: refused before anything is written
             common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
     train_texts, eval_texts = _texts(cfg)  # data errors (a bad JSONL line) before any model work
+    if cfg.base != "scratch" and _chat(train_texts):  # a template to render them with, before any model work
+        from transformers import AutoTokenizer
+
+        if not getattr(AutoTokenizer.from_pretrained(cfg.base), "chat_template", None):
+            raise ConfigError(f"data: {cfg.data} holds conversations, but the tokenizer of {cfg.base} has no chat "
+                              "template: give it one (tokenizer_config.json chat_template) or give texts")
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "sft", result)
     if done is not None:
         log.info("sft already finished in %s (same config): nothing to do; --set resume=false retrains", cfg.out_dir)
@@ -239,8 +321,8 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
         max_length=cfg.max_len, packing=cfg.packing, dataset_text_field="text", eval_packing=False)
     with common.quiet_transformers():
         trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                             train_dataset=Dataset.from_dict({"text": train_texts}),
-                             eval_dataset=Dataset.from_dict({"text": eval_texts}), callbacks=list(callbacks))
+                             train_dataset=_dataset(train_texts), eval_dataset=_dataset(eval_texts),
+                             callbacks=list(callbacks))
     console.route_trainer_logs(trainer, console.progress(cfg.progress))
     common.keep_adapters_fp32(trainer.model)
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

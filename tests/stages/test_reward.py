@@ -202,3 +202,38 @@ def test_training_on_a_4bit_base(domain_base, tmp_path):
     model.add_reward("rm", s["adapter"])
     ids = torch.tensor([[1, 40, 41, 42, 43]], device=model.device)
     assert torch.isfinite(model.reward_scores("rm", ids, torch.ones_like(ids))).all()
+
+
+def _conversational_pairs(n: int) -> list[dict]:
+    good = ["a great film", "great fun", "a fun plot"]
+    bad = ["a dull film", "dull music", "the plot was dull"]
+    return [{"prompt": [{"role": "user", "content": "how was the film?"}],
+             "chosen": [{"role": "assistant", "content": good[i % 3]}],
+             "rejected": [{"role": "assistant", "content": bad[i % 3]}]} for i in range(n)]
+
+
+def test_conversational_pairs_render_with_the_chat_template(tmp_path):
+    """TRL's conversational preference format: prompt + chosen / rejected rendered whole with the base's chat
+    template, tokenized without a second BOS; the adapter learns them. No chat template: refused first."""
+    from marl_ray.data.tiny import build_tiny
+    from marl_ray.stages.reward import _render
+
+    base = build_tiny(tmp_path / "chat_base", size="tiny", seed=0, chat=True)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in _conversational_pairs(96)))
+    s = run_reward(RewardConfig(base=str(base), out_dir=str(tmp_path / "rm"), pairs=str(pairs),
+                                **fast(epochs=2, n_pairs=96)))
+    assert s["reward_accuracy"] > 0.9, s
+    from transformers import AutoTokenizer
+
+    (chosen, _), = _render(AutoTokenizer.from_pretrained(base), _conversational_pairs(1), "pairs")[0]
+    assert chosen.startswith("<|im_start|>user\nhow was the film?<|im_end|>") and chosen.endswith("<|im_end|>\n")
+
+    plain = build_tiny(tmp_path / "plain_base", size="tiny", seed=0)
+    with pytest.raises(ConfigError, match="pairs: the pairs are conversations, but the base's tokenizer has no chat"):
+        run_reward(RewardConfig(base=str(plain), out_dir=str(tmp_path / "rm2"), pairs=str(pairs), **fast()))
+    assert not (tmp_path / "rm2").exists()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({**_conversational_pairs(1)[0], "rejected": "dull"}) + "\n")
+    with pytest.raises(ConfigError, match=r"row 1: \['chosen', 'prompt'\] are conversations but \['rejected'\]"):
+        run_reward(RewardConfig(base=str(base), out_dir=str(tmp_path / "rm3"), pairs=str(mixed), **fast()))

@@ -128,7 +128,7 @@ def test_bad_jsonl_names_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"texts\.jsonl: line 3"):
         run_sft(SFTConfig(out_dir=str(tmp_path / "sft"), data=str(data), **FAST))
     data.write_text('{"text": "a fine movie."}\n{"txt": "a dull one."}\n')
-    with pytest.raises(ValueError, match=r"line 2: missing required key\(s\) 'text'"):
+    with pytest.raises(ValueError, match=r"texts\.jsonl: row 2 has no 'text' field.* its fields are \['txt'\]"):
         run_sft(SFTConfig(out_dir=str(tmp_path / "sft"), data=str(data), **FAST))
     assert not (tmp_path / "sft").exists()  # refused before anything was written
 
@@ -146,3 +146,54 @@ def test_config_rules_and_cli_help(capsys):
     text = capsys.readouterr().out
     for name in ("out_dir", "base", "size", "mode", "lora.r", "quantization", "steps", "save_every", "resume"):
         assert f"  {name} (" in text, name
+
+
+def _chat_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = "the film was great and the plot was fun but the music was dull".split()
+    return [{"messages": [{"role": "system", "content": "You review films."},
+                          {"role": "user", "content": " ".join(rng.choice(words) for _ in range(4))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(5))}]}
+            for _ in range(n)]
+
+
+CHAT_FAST = dict(size="tiny", steps=8, batch_size=16, max_len=64, warmup_steps=1, save_every=0, samples=2,
+                 progress=False)
+
+
+@pytest.mark.parametrize("form", ["messages", "prompt_completion"])
+def test_conversational_sft_renders_with_the_chat_template(tmp_path, form):
+    """TRL's conversational forms: {"messages"} and {"prompt", "completion"} lists of messages. From scratch
+    the tokenizer gets ChatML turn tokens and template; samples continue a rendered conversation."""
+    from transformers import AutoTokenizer
+
+    rows = _chat_rows(160)
+    if form == "prompt_completion":
+        rows = [{"prompt": r["messages"][:2], "completion": r["messages"][2:]} for r in rows]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_sft(SFTConfig(out_dir=str(tmp_path / "sft"), data=str(data), **CHAT_FAST))
+    assert s["eval_loss"] < s["first_train_loss"] - 0.5, s  # learned from ~ln(vocab)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sft" / "base")
+    assert tok.chat_template and "<|im_end|>" in tok.all_special_tokens
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in s["samples"])
+
+
+def test_conversational_data_errors_are_named(tmp_path, base_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
+    with pytest.raises(ConfigError, match="row 1: message 0 has the unknown role 'robot'"):
+        run_sft(SFTConfig(out_dir=str(tmp_path / "a"), data=str(data), **CHAT_FAST))
+    data.write_text(json.dumps({"body": "text"}) + "\n")
+    with pytest.raises(ConfigError, match=r"row 1 has no 'text' field, nor 'messages', .* its fields are \['body'\]"):
+        run_sft(SFTConfig(out_dir=str(tmp_path / "a"), data=str(data), **CHAT_FAST))
+    data.write_text(json.dumps({"text": "a review"}) + "\n" + json.dumps(_chat_rows(1)[0]) + "\n")
+    with pytest.raises(ConfigError, match="mixes row forms"):
+        run_sft(SFTConfig(out_dir=str(tmp_path / "a"), data=str(data), **CHAT_FAST))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(8)))
+    with pytest.raises(ConfigError, match="holds conversations, but the tokenizer of .* has no chat template"):
+        run_sft(SFTConfig(out_dir=str(tmp_path / "a"), data=str(data), base=str(base_dir), mode="lora",
+                          **CHAT_FAST))
+    assert not (tmp_path / "a").exists()
