@@ -249,6 +249,30 @@ def test_default_targets_and_all_linear(arch_assets, arch):
     assert lora_leaves == LINEAR[arch]
 
 
+def test_reward_default_on_llama_is_the_old_explicit_list_bit_for_bit(arch_assets):
+    """The reward stage's default was Llama's seven projections by name; all-linear wraps the same layers in
+    the same order, so the same seed gives the same adapter (the demo's reward stage is unchanged)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from marl_ray.stages.common import lora_config
+    from marl_ray.stages.reward import RewardLoraSpec
+
+    states = []
+    for cfg in (lambda seq: lora_config(RewardLoraSpec(), "SEQ_CLS", seq),
+                lambda seq: LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+                    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            seq = quiet_from_pretrained(AutoModelForSequenceClassification, str(arch_assets("llama")["base"]),
+                                        num_labels=1)
+            pm = get_peft_model(seq, cfg(seq))
+            states.append({n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad})
+            states[-1]["next_random"] = torch.rand(3)
+    assert states[0].keys() == states[1].keys() and len(states[0]) == 2 * 7 * 2 + 1 + 1  # + score head, rand
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gpt2"])
 def test_a_target_that_matches_nothing_names_the_base_layers(arch_assets, arch):
     m = load(arch_assets, arch, "fp32")
@@ -285,7 +309,8 @@ def test_target_modules_in_the_config():
 # ------------------------------------------------------------------------------------ sampling
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hf_generate_fallback_says_so_once(arch_assets, arch, caplog):
-    """The lean decode loop serves Llama only: every other base samples with HF generate, and one log line
+    """The lean decode loop serves Llama, Qwen2, Qwen3 and Mistral (decoding.FAMILIES): every other base
+    samples with HF generate, and one log line
     (at INFO, when the model is made) says so; sampling itself logs nothing more. Rows under different
     policies sample under their own adapters."""
     from marl_ray.model import decoding
@@ -301,9 +326,10 @@ def test_hf_generate_fallback_says_so_once(arch_assets, arch, caplog):
             torch.manual_seed(0)
             out, scores = m.generate_scored(ids, mask, ["a", "b", "a"], max_new_tokens=3)
     lines = [r.getMessage() for r in caplog.records if "HF generate" in r.getMessage()]
-    assert decoding.supports(m.base) == (arch == "llama")
-    assert m.sampler.name == ("lean" if arch == "llama" else "hf")
-    if arch == "llama":
+    served = arch in decoding.FAMILIES
+    assert decoding.supports(m.base) == served
+    assert m.sampler.name == ("lean" if served else "hf")
+    if served:
         assert lines == [] and scores is not None
     else:
         assert len(lines) == 1 and type(m.base).__name__ in lines[0] and "lean decode loop" in lines[0], lines
