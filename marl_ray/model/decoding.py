@@ -1,4 +1,5 @@
-"""A lean forward of Hugging Face Llama bases, and a sampling loop on it.
+"""A lean forward of Hugging Face Llama bases (and Qwen2, Qwen3, Mistral: see FAMILIES), and a
+sampling loop on it.
 
 `transformers`' own forward spends most of a decode step on per-call machinery (decorators,
 keyword plumbing, a cache object, a new attention mask each step, `generate`'s bookkeeping)
@@ -61,22 +62,49 @@ def generation_config_is_plain(gcfg) -> bool:
     return True
 
 
+# The families the lean loop serves: Llama's decoder layer, and what each adds to it.
+#   llama    -
+#   qwen2    biases on q/k/v: the linear layers carry them (nothing to do here)
+#   qwen3    RMSNorm on q and k per head, before the rotary embedding (`attn.q_norm`, `attn.k_norm`)
+#   mistral  a sliding window (config.sliding_window, when set): keys more than `window` cache
+#            slots back are masked (`LeanLlama.window`); at lengths within the window it changes nothing
+# Qwen2/Qwen3 with sliding-window layers (use_sliding_window), and every other family, go to HF.
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+
+
+def _family(base: nn.Module):
+    """(family key, its modeling module) of a causal LM of one of FAMILIES, else None."""
+    import importlib
+
+    for key, prefix in FAMILIES.items():
+        if type(base).__name__ == f"{prefix}ForCausalLM":
+            try:
+                mod = importlib.import_module(f"transformers.models.{key}.modeling_{key}")
+            except ImportError:  # pragma: no cover
+                return None
+            return (key, mod) if type(base) is getattr(mod, f"{prefix}ForCausalLM") else None
+    return None
+
+
 def supports(base: nn.Module) -> bool:
-    """A plain HF Llama (LlamaForCausalLM, sdpa attention, no hooks on the layer modules)."""
-    try:
-        from transformers.models.llama import modeling_llama as ml
-    except ImportError:  # pragma: no cover
+    """A plain HF causal LM of one of FAMILIES (sdpa attention, no hooks on the layer modules)."""
+    fam = _family(base)
+    if fam is None:
         return False
-    if type(base) is not ml.LlamaForCausalLM or not isinstance(getattr(base, "model", None), ml.LlamaModel):
+    key, mod = fam
+    prefix = FAMILIES[key]
+    if not isinstance(getattr(base, "model", None), getattr(mod, f"{prefix}Model")):
         return False
     cfg = base.config
     if getattr(cfg, "_attn_implementation", None) != "sdpa" or getattr(cfg, "pretraining_tp", 1) != 1:
         return False
+    if key in ("qwen2", "qwen3") and any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
     model = base.model
     modules = [model, model.norm, model.embed_tokens, model.rotary_emb, base.lm_head]
+    layer_t, attn_t, mlp_t = (getattr(mod, f"{prefix}{n}") for n in ("DecoderLayer", "Attention", "MLP"))
     for layer in model.layers:
-        if (type(layer) is not ml.LlamaDecoderLayer or type(layer.self_attn) is not ml.LlamaAttention
-                or type(layer.mlp) is not ml.LlamaMLP):
+        if type(layer) is not layer_t or type(layer.self_attn) is not attn_t or type(layer.mlp) is not mlp_t:
             return False
         modules += [layer, layer.self_attn, layer.mlp]
     # Hooks on the modules whose forward this skips would be skipped too (the linear layers,
@@ -89,22 +117,26 @@ EAGER_MAX_LEN = 256
 
 
 class LeanLlama:
-    """The decoder of a Llama base as a plain loop over its layers (see the module docstring)."""
+    """The decoder of a base of one of FAMILIES as a plain loop over its layers (see the module
+    docstring): Llama's layer, with q/k norms where the attention has them (Qwen3) and a sliding
+    window where the config sets one (Mistral)."""
 
     def __init__(self, base: nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.masking_utils import create_causal_mask
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        _, mod = _family(base)
         self.base = base
         self.model = base.model
         self.config = base.config
         self.layers = list(self.model.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
+        # Mistral: every layer's keys more than `window` slots back are masked (None: no window)
+        self.window = getattr(self.config, "sliding_window", None) if type(base).__name__.startswith("Mistral") else None
         self._sdpa = sdpa_attention_forward
-        self._eager = eager_attention_forward
-        self._rope = apply_rotary_pos_emb
-        self._causal_mask = create_causal_mask
+        self._eager = mod.eager_attention_forward
+        self._rope = mod.apply_rotary_pos_emb
+        self._causal_mask = create_causal_mask if self.window is None else create_sliding_window_causal_mask
         # transformers 5.20 renamed create_causal_mask's past_key_values to cache
         params = inspect.signature(create_causal_mask).parameters
         self._mask_cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -150,9 +182,9 @@ class LeanLlama:
         h = self.model.embed_tokens(input_ids_BT)
         cos, sin = self.rotary(h, position_ids_BT)
         if h.device.type == "cpu" and T <= EAGER_MAX_LEN:
-            attention, mask = self._eager, additive_mask(_keep_mask(attention_mask_BT), h.dtype)
+            attention, mask = self._eager, additive_mask(_keep_mask(attention_mask_BT, self.window), h.dtype)
         else:
-            attention, mask = self._sdpa, _keep_mask(attention_mask_BT)
+            attention, mask = self._sdpa, _keep_mask(attention_mask_BT, self.window)
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             args = (i, h, cos, sin, mask, attention, None, 0, keep_from if i == last else 0, lora_rows)
@@ -174,19 +206,25 @@ class LeanLlama:
         proj = (lambda module, x: module(x)) if lora_rows is None else (
             lambda module, x: _project(module, x, lora_rows, in_adapter_dtype=cache is not None))
         attn = layer.self_attn
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # Qwen3
+
+        def heads(y, norm):  # (B, t, heads * head_dim) -> (B, heads, t, head_dim), normed per head
+            y = y.view(B, y.shape[1], -1, self.head_dim)
+            return (y if norm is None else norm(y)).transpose(1, 2)
+
         B, T = h.shape[:2]
         x = layer.input_layernorm(h)
-        k = proj(attn.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = proj(attn.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = heads(proj(attn.k_proj, x), k_norm)
+        v = heads(proj(attn.v_proj, x), None)
         if q_from:
             # contiguous: a linear layer on a strided 3-D slice runs as a batched product over a
             # copy of its weight per row (2-4x slower than one folded product)
             h, x, mask = h[:, q_from:], x[:, q_from:].contiguous(), mask[:, :, q_from:]
-            q = proj(attn.q_proj, x).view(B, T - q_from, -1, self.head_dim).transpose(1, 2)
+            q = heads(proj(attn.q_proj, x), q_norm)
             q, _ = self._rope(q, q, cos[:, q_from:], sin[:, q_from:])
             _, k = self._rope(k, k, cos, sin)
         else:
-            q = proj(attn.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q = heads(proj(attn.q_proj, x), q_norm)
             q, k = self._rope(q, k, cos, sin)
         end = start + T
         if cache is not None:
@@ -214,12 +252,15 @@ def _in_fp32(attention):
     return run
 
 
-def _keep_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: causal and not padding; a query always sees itself (a left-pad query,
-    which sees no real key, stays finite)."""
+def _keep_mask(attention_mask_BT: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal and not padding, and within `window` slots back where one is set
+    (HF's sliding window: key j is seen from query i when i - window < j); a query always sees
+    itself (a left-pad query, which sees no real key, stays finite)."""
     T = attention_mask_BT.shape[1]
     dev = attention_mask_BT.device
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    if window is not None:
+        causal_TT = causal_TT.triu(1 - window)
     keep = (causal_TT & attention_mask_BT.bool()[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
     return keep[:, None]
 
@@ -348,15 +389,24 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
     embeds = lean.model.embed_tokens(input_ids_BP)
     cos, sin = lean.rotary(embeds, pos)
     if eager and P <= EAGER_MAX_LEN:
-        attention, mask = _in_fp32(lean._eager), additive_mask(_keep_mask(attention_mask_BP), torch.float32)
+        attention, mask = _in_fp32(lean._eager), additive_mask(_keep_mask(attention_mask_BP, lean.window),
+                                                                torch.float32)
     else:  # sdpa (and so for any prefill whose scores would be large)
         attention, mask = lean._sdpa, lean.prefill_mask(embeds, attention_mask_BP, pos[:, :P])
         attention = _in_fp32(attention) if eager else attention
     step_attention = _in_fp32(lean._eager) if eager else lean._sdpa
-    # each decode step's mask (B, 1, 1, keys): a slice of one built here
+    # each decode step's mask (B, 1, 1, keys): a slice of one built here; past a sliding window,
+    # the keys before it masked too
     step_mask = None if not padded else (
         additive_mask(full_mask[:, None, None, :].bool(), torch.float32) if eager
         else full_mask[:, None, None, :].bool())
+
+    def mask_of_step(end: int):  # the new token sits at slot end - 1 and sees keys [0, end)
+        if lean.window is None or end <= lean.window:
+            return None if step_mask is None else step_mask[..., :end]
+        keep = full_mask[:, None, None, :end].to(torch.bool, copy=True)
+        keep[..., :end - lean.window] = False
+        return additive_mask(keep, torch.float32) if eager else keep
     start = 0
     for t in range(R):
         n = embeds.shape[1]
@@ -383,5 +433,5 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
                 return out[:, :P + t + 1]
         embeds = lean.model.embed_tokens(nxt[:, None])
         attention = step_attention
-        mask = None if step_mask is None else step_mask[..., :start + 1]
+        mask = mask_of_step(start + 1)
     return out

@@ -3,8 +3,9 @@
 | sampler    | what runs                                                                    |
 | ---------- | ---------------------------------------------------------------------------- |
 | HFGenerate | transformers' `generate` on the training model (any architecture)            |
-| LeanDecode | `decoding.sample` over `decoding.LeanLlama` (plain Llama bases): HF generate's |
-|            | sampling with less overhead per step; also returns the decode steps' scores   |
+| LeanDecode | `decoding.sample` over `decoding.LeanLlama` (plain Llama, Qwen2, Qwen3 and    |
+|            | Mistral bases): HF generate's sampling with less overhead per step; also      |
+|            | returns the decode steps' scores                                              |
 | VLLM       | a vLLM engine over the same base, one LoRA slot per policy (model hosts only) |
 
 `Sampler.generate` works on tensors (left-padded prompts in, prompt + new tokens out) and is what
@@ -149,7 +150,7 @@ class HFGenerate(Sampler):
 
 
 class LeanDecode(Sampler):
-    """`decoding.sample` over the base's layers (plain Llama bases; anything else goes to HF generate).
+    """`decoding.sample` over the base's layers (`decoding.FAMILIES`; anything else goes to HF generate).
 
     exact: linear layers as modules and sdpa attention, HF's arithmetic: the same tokens as HF
     generate under the same seed. Otherwise plain LoRA layers are computed by `decoding._project`
@@ -213,8 +214,9 @@ class VLLM(Sampler):
 
 
 def make(kind: str, base) -> Sampler:
-    """The sampler for a model: "auto" = the lean loop where `base` is a plain Llama, else HF generate
-    (with one log line that says so); "lean", "exact", "hf" as named."""
+    """The sampler for a model: "auto" = the lean loop where `decoding.supports(base)` (plain Llama,
+    Qwen2, Qwen3, Mistral), else HF generate (with one log line that says so); "lean", "exact", "hf"
+    as named."""
     if kind == "auto":
         if decoding.supports(base):
             return LeanDecode()

@@ -317,3 +317,132 @@ def test_project_is_peft_lora_fp32(model, rows):
         got = decoding._project(layer, x, rows)
     assert torch.equal(got, want)
     assert not torch.equal(got[:2], layer.base_layer(x[:2]))  # the adapter did something
+
+
+# ------------------------------------------------------------------ the other families it serves
+# Qwen2 (biases on q/k/v), Qwen3 (q/k RMSNorm per head, tied embeddings), Mistral (a sliding window of
+# 16 in the tiny config: prompts of 7 + 12 new tokens run past it, so the window masks real keys).
+LEAN_ARCHS = ["qwen2", "qwen3", "mistral"]
+HF_ARCHS = ["gemma2", "gemma3", "phi3", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def arch_model(tmp_path_factory):
+    """arch -> a MultiAdapterModel (fp32) on a tiny base of that family with policies a and b, built once."""
+    from marl_ray.data.tiny import build_tiny
+
+    from conftest import TEXTS
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = _model(build_tiny(tmp_path_factory.mktemp(f"dec_{arch}"), texts=TEXTS, arch=arch))
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_sampling_is_hf_generate_other_families(arch_model, arch):
+    """The exact lean loop on Qwen2, Qwen3 and Mistral draws HF generate's tokens under the same seed:
+    greedy and sampled, left-padded, one policy and mixed policies with the reference, past Mistral's window."""
+    from marl_ray.model import decoding, sampling
+
+    m = arch_model(arch)
+    assert decoding.supports(m.base) and isinstance(m.sampler, sampling.LeanDecode)
+    ids, mask = _prompts(True)
+    window = m.lean().window
+    assert (window is not None) == (arch == "mistral")
+    if window is not None:
+        assert ids.shape[1] + 12 > window
+    for policies in ("a", ["a", "b", "ref", "a", "ref", "b"]):
+        for kw in (dict(do_sample=False), dict(), dict(temperature=0.7, top_k=20, top_p=0.9),
+                   dict(min_new_tokens=2, eos_token_id=list(range(2, 200, 3)))):
+            hf, lean = _both(m, ids, mask, policies, max_new_tokens=12, **kw)
+            assert torch.equal(lean, hf), (policies, kw)
+
+
+def test_mistral_window_is_applied(arch_model):
+    """Without the sliding window, the lean loop's logits past it are not HF's: the test above checks it."""
+    from marl_ray.model import decoding
+
+    m = arch_model("mistral")
+    lean = m.lean()
+    ids, mask = _prompts(False)
+
+    def logits(window):
+        steps = []
+        lean.window = window
+        try:
+            with m.route(["a"] * 6):
+                decoding.sample(lean, ids, mask, logits_out=steps, max_new_tokens=12, min_new_tokens=12,
+                                do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                                pad_token_id=0)
+        finally:
+            lean.window = m.base.config.sliding_window
+        return torch.stack(steps, 1)
+
+    windowed, unbounded = logits(16), logits(None)
+    within = 16 - ids.shape[1] + 1  # steps whose query sees at most 16 keys
+    torch.testing.assert_close(windowed[:, :within], unbounded[:, :within], atol=0, rtol=0)
+    assert (windowed[:, within:] - unbounded[:, within:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_sampling_and_passes_are_hfs_other_families(arch_model, arch, padded):
+    """The default (fast) decode's step logits and the lean scoring pass's hidden states are HF's
+    forward's to rounding on Qwen2, Qwen3 and Mistral, under mixed policies and the reference."""
+    from marl_ray.model import decoding, positions
+
+    m = arch_model(arch)
+    ids, mask = _prompts(padded)
+    names = ["a", "b", "ref", "a", "ref", "b"]
+    steps = []
+    torch.manual_seed(7)
+    with m.route(names):
+        out = decoding.sample(m.lean(), ids, mask, lora_rows=m.lora_rows(names), logits_out=steps,
+                              max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, eos_token_id=None, pad_token_id=0)
+    full = torch.cat([mask, torch.ones(6, 12, dtype=mask.dtype)], 1)
+    with torch.no_grad(), m.route(names):
+        hf = m.base(input_ids=out, attention_mask=full, position_ids=positions(full))
+    P = ids.shape[1]
+    for t, logits in enumerate(steps):
+        torch.testing.assert_close(logits, hf.logits[:, P - 1 + t].float(), atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        lean = m.hidden(out, full, names, keep_from=4)
+        want = _passes(m, False, lambda: m.hidden(out, full, names, keep_from=4))
+    real = full[:, 4:].bool()
+    torch.testing.assert_close(lean[real], want[real], atol=2e-5, rtol=1e-4)
+
+
+def test_qwen3_bf16_is_hf_generate(tmp_path):
+    """q/k norms in bf16 (they compute in fp32 and cast back): still HF generate's tokens."""
+    from marl_ray.data.tiny import build_tiny
+
+    from conftest import TEXTS
+
+    m = _model(build_tiny(tmp_path / "qwen3", texts=TEXTS, arch="qwen3"), "bf16")
+    ids, mask = _prompts(True)
+    for kw in (dict(do_sample=False), dict()):
+        hf, lean = _both(m, ids, mask, ["a", "b", "a", "ref", "b", "a"], max_new_tokens=8, **kw)
+        assert torch.equal(lean, hf)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_other_families_fall_back_with_one_line(tmp_path, arch, caplog):
+    """Gemma 2/3, Phi-3 and GPT-2 are not served: `make("auto")` gives HF generate and says so in one line."""
+    import logging
+
+    from marl_ray.data.tiny import build_model
+    from marl_ray.model import decoding, sampling
+
+    base = build_model(arch, "tiny")
+    base.config._attn_implementation = "sdpa"
+    with caplog.at_level(logging.INFO, logger="marl_ray"):
+        s = sampling.make("auto", base)
+    lines = [r.getMessage() for r in caplog.records if "HF generate" in r.getMessage()]
+    assert not decoding.supports(base) and isinstance(s, sampling.HFGenerate)
+    assert len(lines) == 1 and type(base).__name__ in lines[0], lines

@@ -22,6 +22,7 @@ import pytest
 import reliability_utils as ru
 from marl_ray.config import ConfigError, LoraSpec
 from marl_ray.data.tiny import ARCHITECTURES
+from marl_ray.model.decoding import FAMILIES
 from marl_ray.stages.reward import RewardConfig, RewardLoraSpec, run_reward
 from marl_ray.stages.sft import SFTConfig, run_sft
 
@@ -65,8 +66,8 @@ def ppo_config(base: str, reward: str, out: Path, runtime: str = "inprocess", mo
 
 
 def check_ppo(summary: dict, arch: str, base: str, quantization: str = "none"):
-    """One step of both policies ran with finite metrics on HF generate (the lean loop is Llama's); the saved
-    policies load back onto the base."""
+    """One step of both policies ran with finite metrics (sampled by the lean decode loop on the families it
+    serves, decoding.FAMILIES, by HF generate on the others); the saved policies load back onto the base."""
     from marl_ray.model import MultiAdapterModel
 
     assert summary["steps"] == 1 and set(summary["policies"]) == {"up", "down"}
@@ -74,7 +75,7 @@ def check_ppo(summary: dict, arch: str, base: str, quantization: str = "none"):
         assert all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("objective/", "loss/"))), (p, metrics)
     host = summary["hosts"][0]
     assert host["quantization"] == quantization and host["base_copies"] == 1
-    assert host["sampler"] == ("lean" if arch == "llama" else "hf")
+    assert host["sampler"] == ("lean" if arch in FAMILIES else "hf")
     m = MultiAdapterModel.from_pretrained(base, quantization=quantization)
     m.load_policy("up", summary["saved"]["up"])
     m.load_policy("down", summary["saved"]["down"], value_head=False)
