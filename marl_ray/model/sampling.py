@@ -167,7 +167,10 @@ class LeanDecode(Sampler):
         if kwargs["max_new_tokens"] <= 0 or lean is None or not decoding.generation_config_is_plain(
                 model.base.generation_config):
             if not self._warned and kwargs["max_new_tokens"] > 0:
-                log.info("the lean decode loop does not serve this base or generation config: HF generate samples")
+                # a warning: an actor's INFO records reach no console (Ray forwards its stderr, where Python
+                # writes warnings when nothing else is set up)
+                log.warning("the lean decode loop does not serve this base or generation config: HF generate "
+                            "samples")
                 self._warned = True
             return self._fallback._generate(model, ids, mask, names, scored, kwargs)
         rows = None if self.exact else model.lora_rows(names)
@@ -220,7 +223,9 @@ def make(kind: str, base) -> Sampler:
     if kind == "auto":
         if decoding.supports(base):
             return LeanDecode()
-        log.info("%s is not served by the lean decode loop: HF generate samples", type(base).__name__)
+        # a warning, not INFO: a model host's INFO records reach no console on Ray (it forwards the actor's
+        # stderr, where Python writes warnings when no handler is set up); one line per model
+        log.warning("%s is not served by the lean decode loop: HF generate samples", type(base).__name__)
         return HFGenerate()
     if kind in ("lean", "exact"):
         return LeanDecode(exact=kind == "exact")
