@@ -70,14 +70,17 @@ def _linear_types() -> tuple[type, ...]:
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
     """Dotted name -> module as the base has them, a LoRA-wrapped layer under its own name (peft's
     lora_A/lora_B/base_layer inside it left out)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    import sys
 
+    # Without peft imported no module is a peft layer: checking a config before anything is loaded does not
+    # import peft (and bitsandbytes with it, which has things to say on a CPU)
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
     out: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
-        if isinstance(module, BaseTunerLayer):
+        if tuners is not None and isinstance(module, tuners.BaseTunerLayer):
             skip.append(name + ".")
             module = module.get_base_layer()
         out[name] = module
