@@ -119,10 +119,12 @@ def test_three_stages_on_a_quantized_or_bf16_base(arch_base, arch, precision, tm
     assert rw["steps"] == 2
     model = {"quantization": quantization, "dtype": "bf16" if precision == "bf16" else "fp32",
              "reference_adapter": sft["adapter"]}
-    summary = run_ppo(ru.load(ppo_config(base, rw["adapter"], tmp_path / "ppo", model=model,
-                                         up={"init_from": sft["adapter"]})))
+    cfg = ppo_config(base, rw["adapter"], tmp_path / "ppo", model=model, up={"init_from": sft["adapter"]})
+    cfg["ppo"]["rollout_logprobs"] = False  # old logprobs from the pass that scores the reference (bf16: the
+    # decode steps' would differ from it by rounding, README)
+    summary = run_ppo(ru.load(cfg))
     check_ppo(summary, arch, base, quantization)
-    assert abs(summary["policies"]["up"]["objective/kl"]) < 1e-3, summary["policies"]["up"]
+    assert abs(summary["policies"]["up"]["objective/kl"]) < 1e-4, summary["policies"]["up"]
 
 
 # ------------------------------------------------------------------------------------ bad targets
