@@ -14,6 +14,7 @@ and the stages' folders (DIR/sft/base, DIR/reward/adapter, DIR/ppo/...).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
@@ -64,24 +65,34 @@ def _gold_eval(learner, texts: list[str], seed: int) -> dict:
     return out
 
 
-def plot_policy(rows: list[dict], policy: str, path: Path):
+@contextlib.contextmanager
+def _three_panels(path: Path, xlabel: str):
+    """A row of three plots (yields the axes), written to `path` (PNG) when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ("objective/scores", "gold/score", "objective/kl"),
-                              ("learned reward", "gold oracle score", "KL to reference")):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".")
-        ax.set_title(f"{policy}: {title}")
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        yield axes
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def plot_policy(rows: list[dict], policy: str, path: Path):
+    steps = [r["step"] for r in rows]
+    with _three_panels(path, "PPO step") as axes:
+        for ax, key, title in zip(axes, ("objective/scores", "gold/score", "objective/kl"),
+                                  ("learned reward", "gold oracle score", "KL to reference")):
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".")
+            ax.set_title(f"{policy}: {title}")
 
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides=()) -> dict:
@@ -239,30 +250,18 @@ def _accuracy_eval(learner, rows: list[dict], seed: int) -> dict:
 
 
 def plot_arithmetic(rows: list[dict], curve: list[dict], policy: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r.get("rewards/exact/mean", r.get("objective/scores", float("nan"))) for r in rows],
-                 marker=".")
-    axes[0].set_title(f"{policy}: reward (exact match, train prompts)")
-    axes[1].plot([c["step"] for c in curve], [c["sampled"] for c in curve], marker="o", label="sampled")
-    axes[1].plot([c["step"] for c in curve], [c["greedy"] for c in curve], marker="s", label="greedy")
-    axes[1].set_ylim(0, 1)
-    axes[1].legend()
-    axes[1].set_title(f"{policy}: held-out exact-match accuracy")
-    axes[2].plot(steps, [r.get("objective/entropy", float("nan")) for r in rows], marker=".")
-    axes[2].set_title(f"{policy}: entropy of the responses")
-    for ax in axes:
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with _three_panels(path, "RL step") as axes:
+        axes[0].plot(steps, [r.get("rewards/exact/mean", r.get("objective/scores", float("nan"))) for r in rows],
+                     marker=".")
+        axes[0].set_title(f"{policy}: reward (exact match, train prompts)")
+        axes[1].plot([c["step"] for c in curve], [c["sampled"] for c in curve], marker="o", label="sampled")
+        axes[1].plot([c["step"] for c in curve], [c["greedy"] for c in curve], marker="s", label="greedy")
+        axes[1].set_ylim(0, 1)
+        axes[1].legend()
+        axes[1].set_title(f"{policy}: held-out exact-match accuracy")
+        axes[2].plot(steps, [r.get("objective/entropy", float("nan")) for r in rows], marker=".")
+        axes[2].set_title(f"{policy}: entropy of the responses")
 
 
 def run_arithmetic_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides=()) -> dict:

@@ -53,19 +53,7 @@ def test_grpo_and_ppo_on_conversations(chat_assets, tmp_path):
     from marl_ray.runtime.placement import start_inprocess
     from marl_ray.train.loop import Learner
 
-    cfg = ru.load({
-        "model": {"base": chat_assets["base"]},
-        "rewards": [{"name": "chat", "function": f"{FNS}:rendered_with_topic"},
-                    {"name": "short", "function": f"{FNS}:short"}],
-        "policies": [{"name": "g", "reward": ["chat", "short"], "algorithm": "grpo", "num_generations": 2,
-                      "lr": 1e-3, "lora": {"r": 4, "alpha": 8}},
-                     {"name": "p", "reward": ["chat", "short"], "lr": 1e-3, "lora": {"r": 4, "alpha": 8}}],
-        "generation": {"max_new_tokens": 6, "min_new_tokens": 1, "stop_at_eos": True},
-        "ppo": {"steps": 1, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1},
-        "cluster": {"rollout_workers": 1, "host_num_cpus": 1, "runtime": "inprocess"},
-        "data": {"prompts": chat_assets["prompts"], "max_prompt_tokens": 64},
-        "run": {"out_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False},
-    })
+    cfg = ru.load(_chat_config(chat_assets, tmp_path / "run"))
     actors = start_inprocess(cfg, seed=0)
     learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host)
     metrics = learner.run_step()
