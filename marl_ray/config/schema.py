@@ -228,6 +228,21 @@ class ClusterSpec:
                             "restores it and redoes the step.", ge=0)
     rollout_workers: int = opt(2, "Number of rollout workers generating responses in parallel.", ge=1)
     placement: Literal["spread", "node_affinity"] = opt("spread", "Host placement: Ray SPREAD or pinned to nodes.")
+    grad_sync: Literal["collective", "driver"] = opt(
+        "collective", "How several model hosts sum a minibatch's gradients: collective = among themselves (a "
+        "torch.distributed group of the hosts, allreduce in buckets; the driver only sends rows and receives "
+        "statistics and checksums); driver = each host sends its gradients to the driver, which sums them and "
+        "sends the sum back (the fallback). One host sums nothing either way.")
+    collective_backend: Literal["auto", "gloo", "nccl"] = opt(
+        "auto", "Backend of the hosts' group: auto = nccl when the hosts hold the model on a GPU, else gloo.")
+    collective_timeout_s: float = opt(
+        300.0, "Seconds a collective (or the group's start) may wait for the other hosts before it fails: a lost "
+        "or hung host never hangs the others; the learner then restores and redoes the step.", gt=0)
+    grad_comm_dtype: Literal["fp32", "bf16"] = opt(
+        "fp32", "The dtype gradients travel in between hosts (collective): bf16 halves the bytes; each host's "
+        "gradients are rounded to bf16 and summed in bf16 (replicas stay identical).")
+    grad_bucket_mb: float = opt(25.0, "Gradients are flattened into buckets of about this many MiB, one allreduce "
+                                "each, all in flight together.", gt=0)
 
 
 @spec

@@ -61,6 +61,8 @@ class ModelHost:
         self.baseline_rss_mib = _rss_mib()  # after imports, before the model: what the run itself costs
 
         self.host_index = host_index
+        self.group = None  # collective.Group: this host's member of the hosts' process group, once formed
+        self._rendezvous = None  # host 0: the store server of the group being formed
         # low_memory: this process owns its memory (see model/tweaks.py)
         self.model = MultiAdapterModel.from_pretrained(
             model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
@@ -253,6 +255,67 @@ class ModelHost:
             self.optim_step(policy, g.grads, max_grad_norm, checksum=False)
         return TrainResult(g.stats, finite)
 
+    # ------------------------------------------------------------ collective (host to host)
+    def open_rendezvous(self, world: int, timeout_s: float) -> tuple[str, int]:
+        """Host 0, before a group forms: a TCPStore server on this node's address (the one Ray gives
+        it) and a free port; returns (address, port) for every host's `join_group`."""
+        from marl_ray.runtime import collective
+
+        self._rendezvous = collective.Rendezvous(collective.node_address(), world, timeout_s)
+        return self._rendezvous.address, self._rendezvous.port
+
+    def join_group(self, rank: int, world: int, address: str, port: int, generation: int, backend: str,
+                   timeout_s: float) -> int:
+        """Become rank `rank` of generation `generation` of the hosts' process group (any older group of
+        this host is dropped). Returns this process's id (the group holds for these processes only)."""
+        from marl_ray.runtime import collective
+
+        self.group = None
+        rendezvous, self._rendezvous = (self._rendezvous, None) if rank == 0 else (None, None)
+        if rank == 0 and rendezvous is None:
+            raise RuntimeError("host 0 has no open rendezvous (was it restarted?): form the group again")
+        self.group = collective.Group(rank, world, address, port, generation,
+                                      collective.resolve_backend(backend, self.model.device), timeout_s,
+                                      rendezvous=rendezvous, device=self.model.device)
+        self.group.barrier()  # every member is connected before the first gradient
+        return os.getpid()
+
+    def leave_group(self):
+        self.group = None
+
+    def group_state(self) -> tuple[int, int]:
+        """(this process's id, the generation of its group; 0: none)."""
+        return os.getpid(), 0 if self.group is None else self.group.generation
+
+    def train_collective(self, policy: str, mb: Minibatch | None, total_tokens: float, loss: LossSettings,
+                         max_grad_norm: float | None, generation: int, comm_dtype: str = "fp32",
+                         bucket_bytes: int = 25 << 20) -> TrainResult:
+        """One minibatch update of `policy` summed among the hosts: this host's shard's gradients (zeros
+        when it has no rows), an allreduce of the gradients (in buckets) and of the statistics, and the
+        same optimizer step on every host. Only the statistics and the checksum go back to the caller.
+        Nothing is applied anywhere when a summed gradient or statistic is not finite (every host sees
+        the same sums, so every host decides alike)."""
+        if self.group is None or self.group.generation != generation:
+            raise RuntimeError(f"host {self.host_index} is not in the hosts' group generation {generation} "
+                               f"(it has {None if self.group is None else self.group.generation}): form it again")
+        keys = _stat_keys(loss)
+        if mb is not None and len(mb):
+            g = self._gradients(policy, mb, total_tokens, loss)
+            grads, stats = g.grads, g.stats
+            if set(stats) != set(keys):
+                raise RuntimeError(f"statistics {sorted(stats)} are not the expected {keys}")
+        else:  # fewer rows than hosts: this host adds nothing but takes part in the sums
+            grads = {k: torch.zeros_like(p) for k, p in self.model.policy_state(policy).items()}
+            stats = {k: 0.0 for k in keys}
+        names = list(grads)
+        self.group.allreduce_([grads[k] for k in names], comm_dtype, bucket_bytes)
+        stats = dict(zip(keys, self.group.allreduce_values([float(stats[k]) for k in keys])))
+        finite = all(bool(torch.isfinite(t).all()) for t in grads.values()) and all(
+            math.isfinite(v) for v in stats.values())
+        if not finite:
+            return TrainResult(stats, False, self.checksum(policy))
+        return TrainResult(stats, True, self.optim_step(policy, grads, max_grad_norm, checksum=True))
+
     def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None, checksum: bool = True) -> str:
         """Apply one optimizer step from (summed) gradients; returns the policy's checksum ("" with
         checksum=False: a group of one host has no replicas to compare)."""
@@ -360,6 +423,21 @@ class ModelHost:
     def set_rng_state(self, state: dict):
         torch.random.set_rng_state(state["torch"])
         random.setstate(state["python"])
+
+
+_PPO_STATS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "policy/entropy",
+              "val/ratio")
+_CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high",
+                      "val/ratio")
+
+
+def _stat_keys(loss: LossSettings) -> list[str]:
+    """The statistics a shard's update reports (what `_forward_backward` / `_critic_free` return), sorted:
+    the same layout on every host, also on one without rows."""
+    if loss.algorithm == "ppo":
+        return sorted(_PPO_STATS)
+    # the learner sends reference logprobs exactly when beta > 0 (Learner.minibatch)
+    return sorted(_CRITIC_FREE_STATS + (("policy/kl_k3",) if loss.beta > 0 else ()))
 
 
 def _digest(tensors: dict) -> str:

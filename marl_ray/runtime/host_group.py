@@ -3,14 +3,65 @@
 The learner talks to a group, never to a host: a group of one host is the same code path (it
 only skips moving gradients when there is nothing to sum). Every host holds a replica of each
 policy; after every update the replicas must agree bit for bit (checked by checksum).
+
+Gradients are summed one of two ways (`cluster.grad_sync`):
+- collective (default for more than one Ray host): the hosts form a torch.distributed process
+  group among themselves (`runtime/collective.py`) and allreduce their gradients host to host; the
+  driver sends each host its rows of the minibatch and receives the summed statistics and each
+  host's checksum, whatever the adapter's size and the number of hosts.
+- driver: each host returns its gradients, the driver sums them and every host fetches the sum from
+  the object store (in-process groups, and the fallback).
 """
 
 from __future__ import annotations
+
+import itertools
+import pickle
+from dataclasses import dataclass, field
 
 import torch
 
 from marl_ray.runtime.handles import get, put
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, PolicyState, TrainResult
+
+
+@dataclass(frozen=True)
+class GradSync:
+    """How a multi-host group sums gradients (from `cluster`: grad_sync, collective_backend, ...)."""
+
+    mode: str = "collective"  # collective | driver
+    backend: str = "auto"  # auto (gloo on CPUs, nccl on CUDA) | gloo | nccl
+    timeout_s: float = 300.0  # every collective (and the group's start) fails after this long
+    comm_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients travel in
+    bucket_mb: float = 25.0  # gradients are flattened into buckets of about this size
+
+    @classmethod
+    def from_cluster(cls, c) -> "GradSync":
+        return cls(c.grad_sync, c.collective_backend, c.collective_timeout_s, c.grad_comm_dtype, c.grad_bucket_mb)
+
+
+@dataclass
+class Traffic:
+    """Bytes the driver sent to and received from the hosts for updates (pickled sizes), when metered."""
+
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+    by_kind: dict = field(default_factory=dict)
+
+    def add(self, kind: str, obj, direction: str):
+        n = len(pickle.dumps(obj, protocol=5))
+        setattr(self, direction, getattr(self, direction) + n)
+        key = f"{direction}/{kind}"
+        self.by_kind[key] = self.by_kind.get(key, 0) + n
+
+    @property
+    def total(self) -> int:
+        return self.sent + self.received
+
+
+class GroupBroken(RuntimeError):
+    """A host of the collective group was restarted (or left it): the group must be formed again."""
 
 
 class ReplicaDivergence(RuntimeError):
@@ -29,10 +80,16 @@ def split(n: int, parts: int) -> list[range]:
 
 
 class HostGroup:
-    def __init__(self, hosts: list, local: bool = False):
+    _generations = itertools.count(1)  # unique in this driver: a group formed by another HostGroup is told apart
+
+    def __init__(self, hosts: list, local: bool = False, sync: GradSync | None = None):
         """hosts: actor handles (or runtime.handles.LocalHandle for in-process hosts)."""
         self.hosts = list(hosts)
         self.local = local
+        self.sync = sync or GradSync()
+        self.generation = 0  # of the hosts' process group; 0: none formed yet
+        self.members: list[tuple] | None = None  # (pid, generation) of each host once the current group formed
+        self.traffic: Traffic | None = None  # set a Traffic() to meter the driver's update bytes
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -49,6 +106,51 @@ class HostGroup:
             raise ReplicaDivergence(f"{what}: {sums}")
         return sums[0]
 
+    # ------------------------------------------------------------ the hosts' collective group
+    @property
+    def collective(self) -> bool:
+        """True when updates are summed host to host (several Ray hosts, grad_sync collective)."""
+        return self.sync.mode == "collective" and not self.local and len(self.hosts) > 1
+
+    def configure(self, sync: GradSync):
+        """Take the run's settings; a changed setting drops the current group (formed again on use)."""
+        if sync != self.sync:
+            self.sync = sync
+            self.invalidate()
+
+    def invalidate(self):
+        """Forget the current group (after a recovery): the next update forms a new one."""
+        self.members = None
+
+    def form(self) -> int:
+        """Start a new generation of the hosts' process group: host 0 opens a rendezvous on its node's
+        address, every host joins with rank = its index. Returns the generation."""
+        self.generation = next(HostGroup._generations)
+        self.members = None
+        n, t = len(self.hosts), self.sync.timeout_s
+        address, port = get(self.hosts[0].open_rendezvous.remote(n, t))
+        pids = get([h.join_group.remote(i, n, address, port, self.generation, self.sync.backend, t)
+                    for i, h in enumerate(self.hosts)], timeout=t + 30)
+        self.members = [(pid, self.generation) for pid in pids]
+        return self.generation
+
+    def ensure_group(self):
+        """Before a step's updates: form the group if there is none, and check that its hosts are the
+        processes that joined it, still in it (a host Ray restarted has a new pid and no group: the others
+        would wait for it until the timeout). GroupBroken then: the learner restores and redoes the step."""
+        if not self.collective:
+            return
+        if self.members is None:
+            self.form()
+            return
+        now = [tuple(m) for m in get([h.group_state.remote() for h in self.hosts], timeout=self.sync.timeout_s)]
+        if [pid for pid, _ in now] != [pid for pid, _ in self.members]:
+            was, self.members = self.members, None
+            raise GroupBroken(f"a host was restarted since the hosts' group formed: (pid, generation) {now}, "
+                              f"were {was}")
+        if now != self.members:  # the same processes, in another group meanwhile (another HostGroup formed one)
+            self.form()
+
     # ------------------------------------------------------------ scoring
     def evaluate(self, req: EvalRequest) -> Evaluation:
         """Split the rows over the hosts; each runs one mixed-adapter pass; concatenated in row order."""
@@ -60,27 +162,57 @@ class HostGroup:
     # ------------------------------------------------------------ training
     def submit(self, policy: str, shards: list[Minibatch], total_tokens: float, loss: LossSettings,
                max_grad_norm: float | None):
-        """Start one minibatch update of `policy`: shards[i] goes to host i. Returns a pending handle for
-        `finish`; several policies' updates can be in flight at once."""
+        """Start one minibatch update of `policy`: shards[i] goes to host i (hosts past the last shard
+        have no rows). Returns a pending handle for `finish`; several policies' updates can be in
+        flight at once (each host runs them in the order they were sent, so collectives match up)."""
+        if self.traffic is not None:
+            self.traffic.calls += 1
+            for mb in shards:
+                self.traffic.add("rows", mb, "sent")
         if len(self.hosts) == 1:  # nothing to sum: forward, backward and step in one call on the host
             return [self.hosts[0].train_minibatch.remote(policy, shards[0], total_tokens, loss, max_grad_norm)]
+        if self.collective:
+            if self.members is None:
+                self.form()
+            s = self.sync
+            rows = list(shards) + [None] * (len(self.hosts) - len(shards))
+            return [h.train_collective.remote(policy, mb, total_tokens, loss, max_grad_norm, self.generation,
+                                              s.comm_dtype, int(s.bucket_mb * (1 << 20)))
+                    for h, mb in zip(self.hosts, rows)]
         return [h.forward_backward.remote(policy, mb, total_tokens, loss) for h, mb in zip(self.hosts, shards)]
 
     def finish(self, policy: str, pending: list, max_grad_norm: float | None, what: str = "") -> TrainResult:
         """Wait for `submit`'s update: sum the hosts' gradients and apply one step on every host (or
-        take the single host's result). Nothing is applied when a gradient or statistic is not finite."""
+        take the single host's result, or the hosts' own collective step). Nothing is applied when a
+        gradient or statistic is not finite."""
         if len(self.hosts) == 1:
-            return get(pending[0])
+            result = get(pending[0])
+            self._received("result", result)
+            return result
         results = get(pending)
+        self._received("result" if isinstance(results[0], TrainResult) else "grads", results)
+        if isinstance(results[0], TrainResult):  # collective: the hosts summed and stepped themselves
+            if len({r.applied for r in results}) != 1:
+                raise ReplicaDivergence(f"policy {policy!r}: hosts disagree whether to apply {what or 'an update'}")
+            if results[0].applied:
+                self.agree([r.checksum for r in results], f"policy {policy!r}: hosts disagree after {what or 'an update'}")
+            return TrainResult(results[0].stats, results[0].applied)
         grads = {k: sum(r.grads[k] for r in results) for k in results[0].grads}
         stats = {k: sum(r.stats[k] for r in results) for k in results[0].stats}
         if not (all(bool(torch.isfinite(v).all()) for v in grads.values())
                 and all(torch.isfinite(torch.tensor(v)) for v in stats.values())):
             return TrainResult(stats, False)
         ref = put(grads, self.local)
-        self.agree(get([h.optim_step.remote(policy, ref, max_grad_norm, True) for h in self.hosts]),
-                   f"policy {policy!r}: hosts disagree after {what or 'an update'}")
+        if self.traffic is not None:
+            self.traffic.add("summed_grads", grads, "sent")
+        sums = get([h.optim_step.remote(policy, ref, max_grad_norm, True) for h in self.hosts])
+        self._received("checksums", sums)
+        self.agree(sums, f"policy {policy!r}: hosts disagree after {what or 'an update'}")
         return TrainResult(stats, True)
+
+    def _received(self, kind: str, obj):
+        if self.traffic is not None:
+            self.traffic.add(kind, obj, "received")
 
     # ------------------------------------------------------------ state
     def checksums(self, policy: str) -> list[str]:

@@ -220,7 +220,11 @@ class Learner:
 
     def train(self, batch: Batch, ev: Evaluation, adv: dict[str, PolicyAdvantages]) -> dict[str, dict]:
         """ppo_epochs passes; each minibatch's rows (mini_batch_size prompts x num_generations) are split
-        over the hosts, gradients summed, one step everywhere."""
+        over the hosts, gradients summed (host to host with cluster.grad_sync collective), one step everywhere."""
+        from marl_ray.runtime.host_group import GradSync
+
+        self.hosts.configure(GradSync.from_cluster(self.cfg.cluster))
+        self.hosts.ensure_group()  # formed at the first update and after a recovery; a restarted host shows here
         g = self.cfg.ppo
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
         stats = {p: [] for p in self.policies}

@@ -121,6 +121,9 @@ def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
     for p, st in snap.policies.items():
         learner.hosts.set_state(p, st, "recovery")
     learner.set_state(snap.learner)
+    # the hosts' collective group (cluster.grad_sync collective) is formed anew by the redone step's first
+    # update, among the processes alive now: a failure there is one more lost actor, retried like the rest
+    learner.hosts.invalidate()
 
 
 def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
@@ -141,7 +144,9 @@ def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
             learner.recoveries += 1
             log.warning("step %d lost an actor (%s); restoring and redoing the step", snap.learner["step"],
                         type(e).__name__)
+            history = list(learner.history)  # `snap` was read before the last step's metrics were added
             recover(learner, snap)
+            learner.history = history
 
 
 def save(learner, save_fn, snap: Snapshot | None, retries: int = 2):
@@ -173,7 +178,7 @@ def drop_lost_hosts(learner, gone: list[int], snap: Snapshot):
     if learner.respawn_worker is None and any(h in gone for h in learner.worker_host):
         raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone, and their rollout workers cannot be "
                        "started anew here")
-    learner.hosts = HostGroup([learner.hosts[i] for i in keep], learner.local)
+    learner.hosts = HostGroup([learner.hosts[i] for i in keep], learner.local, learner.hosts.sync)
     learner.host_nodes = [learner.host_nodes[i] for i in keep]
     moved = []
     for w, h in enumerate(learner.worker_host):

@@ -284,6 +284,102 @@ def test_sharded_gradient_step_equals_single_host_step(run):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(split.optimizer["state"][i][name])), (i, name)
 
 
+def _group_update(group, learner, batch, ev, adv, policy, local):
+    """One minibatch update of `policy` on rows `local` through a HostGroup (as Learner.train does)."""
+    from marl_ray.runtime.host_group import split
+
+    mask = adv[policy].mask[local]
+    loss = dataclasses.replace(learner.loss[policy], n_seqs=int((mask.sum(1) > 0).sum()))
+    shards = [_minibatch(learner, batch, ev, adv, policy, [local[i] for i in s]) for s in split(len(local), len(group))]
+    return group.finish(policy, group.submit(policy, shards, float(mask.sum()), loss, 1.0), 1.0)
+
+
+def test_collective_step_equals_driver_step_and_single_host_step(run):
+    """The learner's run summed its updates among the hosts (a gloo group on 127.0.0.1, formed once).
+    One update of `a` on a minibatch of 3 rows (shards of 2 and 1): allreduced among the two hosts ==
+    summed through the driver == one host on all rows; the driver received only statistics and
+    checksums on the collective path (not the gradients); bf16 gradient traffic moves the update by a
+    bounded amount against fp32, and replicas stay identical on every path."""
+    import ray
+
+    from marl_ray.runtime.host import ModelHost
+    from marl_ray.runtime.host_group import GradSync, HostGroup, Traffic
+
+    cfg, hosts, learner = run["cfg"], run["hosts"], run["learner"]
+    group = learner.hosts
+    assert group.collective and group.sync == GradSync() and group.generation >= 1
+    assert [m[0] for m in group.members] == [i["pid"] for i in run["infos"]]
+    solo = ray.remote(ModelHost).options(num_cpus=0, max_concurrency=1).remote(
+        cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=cfg.run.seed, torch_threads=1, host_index=2)
+    run["extra"].append(solo)
+    policy = "a"
+    start = ray.get(hosts[0].get_state.remote(policy))
+    batch = learner.rollout()
+    ev = learner.evaluate(batch)
+    adv = learner.advantages(batch, ev)
+    local = [2, 0, 3]
+    paths = {"collective": group, "driver": HostGroup(hosts, sync=GradSync(mode="driver")),
+             "bf16": HostGroup(hosts, sync=GradSync(comm_dtype="bf16", bucket_mb=1e-3)),  # a bucket per tensor
+             "one host": HostGroup([solo])}
+    weights, results, traffic = {}, {}, {}
+    for name, g in paths.items():
+        g.set_state(policy, start)
+        g.traffic = Traffic()
+        results[name] = _group_update(g, learner, batch, ev, adv, policy, local)
+        traffic[name] = g.traffic
+        weights[name] = ray.get(g.hosts[0].get_state.remote(policy)).weights
+        assert results[name].applied, name
+        assert len(set(g.checksums(policy))) == 1, name
+    for name in ("driver", "one host"):
+        for k in results[name].stats:
+            assert results["collective"].stats[k] == pytest.approx(results[name].stats[k], rel=1e-5, abs=1e-7), k
+        for k, w in weights[name].items():
+            torch.testing.assert_close(weights["collective"][k], w, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} {k}: {m}")
+    grad_bytes = sum(w.numel() * 4 for w in start.weights.values())
+    assert traffic["driver"].by_kind["received/grads"] > 2 * grad_bytes
+    assert traffic["collective"].received < 3000 and "received/grads" not in traffic["collective"].by_kind
+    assert traffic["collective"].sent == traffic["driver"].by_kind["sent/rows"]
+    # bf16 traffic against fp32: the update (new - start) differs by at most 2% of its largest entry
+    upd = {k: weights["collective"][k] - start.weights[k] for k in start.weights}
+    scale = max(float(u.abs().max()) for u in upd.values())
+    err = max(float((weights["bf16"][k] - start.weights[k] - u).abs().max()) for k, u in upd.items())
+    print(f"bf16 vs fp32 allreduce: max |update diff| {err:.3g} of max |update| {scale:.3g}; driver bytes "
+          f"collective {traffic['collective'].total}, driver path {traffic['driver'].total}")
+    assert scale > 0 and err <= 0.02 * scale, (err, scale)
+    for g in paths.values():  # back to where the run left the replicas (the learner's group re-forms on use)
+        g.set_state(policy, start)
+
+
+def test_a_collective_without_its_peer_times_out(run):
+    """Host 0 enters an allreduce host 1 never joins: it fails after the group's timeout (no hang), and
+    the learner's group is formed again on its next use."""
+    import time
+
+    import ray
+
+    from marl_ray.runtime.host_group import GradSync, HostGroup
+
+    hosts, learner = run["hosts"], run["learner"]
+    g = HostGroup(hosts, sync=GradSync(timeout_s=3.0))
+    g.form()
+    batch = learner.rollout()
+    ev = learner.evaluate(batch)
+    adv = learner.advantages(batch, ev)
+    mb = _minibatch(learner, batch, ev, adv, "a", [0, 1])
+    before = _checksums(hosts, "a")
+    t0 = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError, match="(?i)timed out|timeout"):
+        ray.get(hosts[0].train_collective.remote("a", mb, float(mb.mask.sum()), learner.loss["a"], 1.0, g.generation),
+                timeout=60)
+    waited = time.monotonic() - t0
+    assert waited < 30, waited
+    assert _checksums(hosts, "a") == before
+    old = learner.hosts.generation
+    learner.hosts.ensure_group()  # the hosts are in g's group now: the learner forms its own again
+    assert learner.hosts.generation not in (old, g.generation)
+
+
 def test_rollout_logprobs_stand_in_for_the_policy_pass(run):
     """ppo.rollout_logprobs (null: on for this fp32 base): the batch carries the decode steps' policy
     logprobs, values and entropies (both hosts' rollouts); evaluate takes them as they are, with no
@@ -380,3 +476,63 @@ def test_prompt_ledger_one_shard_epoch_without_repeats(run):
     assert len(ids) == len(set(ids)), f"a prompt was used twice within the shard epoch: {ledger}"
     assert set(ids) == set(range(12))
     assert run["worker_states"] == [{"position": 6, "epoch": 0}] * 2
+
+
+def test_a_restarted_host_rejoins_the_group_and_the_step_is_redone_exactly(run, monkeypatch):
+    """Last (it moves the run on): two more steps of the learner, uninterrupted, then the same two steps
+    again from the same state with host 1 killed (SIGKILL, by pid) after the first step and again
+    mid-update of the second, its peer inside the allreduce or about to enter it. The peer fails at once
+    (no hang until the collective's timeout), Ray restarts host 1, the learner restores both hosts,
+    forms the group anew and redoes the step: checksums, metrics and ledger equal the uninterrupted
+    steps', bit for bit."""
+    import signal
+    import threading
+    import time
+
+    from marl_ray.runtime.handles import get
+    from marl_ray.train import resilience
+    from marl_ray.train.loop import Learner
+
+    learner = run["learner"]
+    snap = resilience.take_snapshot(learner)
+    s0 = learner.step
+    learner.fit(steps=2)
+    want = {"sums": learner.checksums(), "metrics": learner.history[-2:], "ledger": learner.ledger[-2:]}
+    generation = learner.hosts.generation
+    resilience.recover(learner, snap)  # every actor and the learner back to the state before those steps
+    assert learner.step == s0 and learner.recoveries == 0
+
+    killed, threads, tries = [], [], {}
+
+    def kill_host1(delay=0.0):
+        time.sleep(delay)
+        pid = get(learner.hosts[1].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    real_train = Learner.train
+
+    def train(self, *args):
+        tries[self.step] = tries.get(self.step, 0) + 1
+        if self.step == s0 + 1 and tries[self.step] == 1:  # mid-update: the hosts are in their allreduces
+            threads.append(threading.Thread(target=kill_host1, args=(0.05,)))
+            threads[-1].start()
+        return real_train(self, *args)
+
+    monkeypatch.setattr(Learner, "train", train)
+    t0 = time.monotonic()
+    learner.fit(steps=2, on_step=lambda step, m: kill_host1() if step == s0 else None)
+    elapsed = time.monotonic() - t0
+    for t in threads:
+        t.join()
+    assert len(killed) == 2 and learner.recoveries >= 2, (killed, learner.recoveries)
+    assert elapsed < 0.5 * learner.hosts.sync.timeout_s, elapsed  # nobody waited for a collective's timeout
+    assert learner.hosts.generation > generation and learner.hosts.members[1][0] not in killed
+    assert learner.checksums() == want["sums"]
+    assert learner.ledger[-2:] == want["ledger"]
+    for got, exp in zip(learner.history[-2:], want["metrics"]):
+        assert got["step"] == exp["step"]
+        for p, m in exp["metrics"].items():
+            for k, v in m.items():
+                if not k.startswith(("time/", "perf/")):
+                    assert got["metrics"][p][k] == v, (exp["step"], p, k)
