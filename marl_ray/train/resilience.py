@@ -104,6 +104,26 @@ def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
     rollout workers moved to the nodes left, or, with a fixed number of hosts, `HostLost`."""
     deadline = time.monotonic() + timeout_s
     while True:
+        _wait_for_actors(learner, snap, deadline, timeout_s)
+        try:
+            snap.pids = learner._actor_pids = pids(learner)  # before restoring: a restart after this shows
+            for p, st in snap.policies.items():
+                learner.hosts.set_state(p, st, "recovery")
+            learner.set_state(snap.learner)
+            break
+        except Exception as e:  # an actor (or its node) went away again while being restored: wait again
+            if not actor_lost(e) or time.monotonic() > deadline:
+                raise
+            log.warning("an actor was lost while the step's state was restored (%s); waiting for it",
+                        type(e).__name__)
+    # the hosts' collective group (cluster.grad_sync collective) is formed anew by the redone step's first
+    # update, among the processes alive now: a failure there is one more lost actor, retried like the rest
+    learner.hosts.invalidate()
+
+
+def _wait_for_actors(learner, snap: Snapshot, deadline: float, timeout_s: float):
+    """Until every host and worker answers (dropping the hosts of nodes that are gone meanwhile)."""
+    while True:
         gone = lost_hosts(learner)
         if gone:
             drop_lost_hosts(learner, gone, snap)
@@ -112,18 +132,11 @@ def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
                 _wait_for(h.info, min(deadline, time.monotonic() + 10.0), f"host {i}", timeout_s)
             for w, worker in enumerate(learner.workers):
                 _wait_for(worker.state, min(deadline, time.monotonic() + 10.0), f"rollout worker {w}", timeout_s)
-            break
+            return
         except TimeoutError:
             if time.monotonic() > deadline:
                 raise
             # a node may have gone meanwhile: look again
-    snap.pids = learner._actor_pids = pids(learner)  # before restoring: a restart after this shows
-    for p, st in snap.policies.items():
-        learner.hosts.set_state(p, st, "recovery")
-    learner.set_state(snap.learner)
-    # the hosts' collective group (cluster.grad_sync collective) is formed anew by the redone step's first
-    # update, among the processes alive now: a failure there is one more lost actor, retried like the rest
-    learner.hosts.invalidate()
 
 
 def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
