@@ -297,7 +297,8 @@ def _group_update(group, learner, batch, ev, adv, policy, local):
 def test_collective_step_equals_driver_step_and_single_host_step(run):
     """The learner's run summed its updates among the hosts (a gloo group on 127.0.0.1, formed once).
     One update of `a` on a minibatch of 3 rows (shards of 2 and 1): allreduced among the two hosts ==
-    summed through the driver == one host on all rows; the driver received only statistics and
+    summed through the driver == allreduced among three hosts (a third host, no CPU reserved, on one
+    of the nodes) == one host on all rows; 2 rows on 3 hosts (one host without rows) == one host; the driver received only statistics and
     checksums on the collective path (not the gradients); bf16 gradient traffic moves the update by a
     bounded amount against fp32, and replicas stay identical on every path."""
     import ray
@@ -309,9 +310,10 @@ def test_collective_step_equals_driver_step_and_single_host_step(run):
     group = learner.hosts
     assert group.collective and group.sync == GradSync() and group.generation >= 1
     assert [m[0] for m in group.members] == [i["pid"] for i in run["infos"]]
-    solo = ray.remote(ModelHost).options(num_cpus=0, max_concurrency=1).remote(
-        cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=cfg.run.seed, torch_threads=1, host_index=2)
-    run["extra"].append(solo)
+    solo, third = (ray.remote(ModelHost).options(num_cpus=0, max_concurrency=1).remote(
+        cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=cfg.run.seed, torch_threads=1, host_index=i)
+        for i in (2, 3))
+    run["extra"] += [solo, third]
     policy = "a"
     start = ray.get(hosts[0].get_state.remote(policy))
     batch = learner.rollout()
@@ -320,6 +322,7 @@ def test_collective_step_equals_driver_step_and_single_host_step(run):
     local = [2, 0, 3]
     paths = {"collective": group, "driver": HostGroup(hosts, sync=GradSync(mode="driver")),
              "bf16": HostGroup(hosts, sync=GradSync(comm_dtype="bf16", bucket_mb=1e-3)),  # a bucket per tensor
+             "three hosts": HostGroup([hosts[0], hosts[1], third]),  # world 3: a row each
              "one host": HostGroup([solo])}
     weights, results, traffic = {}, {}, {}
     for name, g in paths.items():
@@ -330,7 +333,7 @@ def test_collective_step_equals_driver_step_and_single_host_step(run):
         weights[name] = ray.get(g.hosts[0].get_state.remote(policy)).weights
         assert results[name].applied, name
         assert len(set(g.checksums(policy))) == 1, name
-    for name in ("driver", "one host"):
+    for name in ("driver", "three hosts", "one host"):
         for k in results[name].stats:
             assert results["collective"].stats[k] == pytest.approx(results[name].stats[k], rel=1e-5, abs=1e-7), k
         for k, w in weights[name].items():
@@ -347,6 +350,15 @@ def test_collective_step_equals_driver_step_and_single_host_step(run):
     print(f"bf16 vs fp32 allreduce: max |update diff| {err:.3g} of max |update| {scale:.3g}; driver bytes "
           f"collective {traffic['collective'].total}, driver path {traffic['driver'].total}")
     assert scale > 0 and err <= 0.02 * scale, (err, scale)
+    # fewer rows than hosts: the third host adds zeros and still takes part in the sums and the step
+    three, two_rows = paths["three hosts"], [1, 3]
+    for g in (three, paths["one host"]):
+        g.set_state(policy, start)
+        assert _group_update(g, learner, batch, ev, adv, policy, two_rows).applied
+    assert len(set(three.checksums(policy))) == 1
+    w3, w1 = (ray.get(g.hosts[0].get_state.remote(policy)).weights for g in (three, paths["one host"]))
+    for k, w in w1.items():
+        torch.testing.assert_close(w3[k], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"2 rows on 3 hosts {k}: {m}")
     for g in paths.values():  # back to where the run left the replicas (the learner's group re-forms on use)
         g.set_state(policy, start)
 
