@@ -145,6 +145,13 @@ def test_cluster_binds_loopback_only(cluster, run):
     listening = listening_addresses(procs)
     assert listening
     assert not non_loopback(listening), f"Ray processes listening beyond loopback: {non_loopback(listening)}"
+    # the model hosts, with their collective group formed (host 0 serves its rendezvous store; gloo's sockets)
+    import psutil
+
+    assert run["learner"].hosts.members is not None
+    hosts = listening_addresses([psutil.Process(i["pid"]) for i in run["infos"]])
+    assert hosts.get(run["infos"][0]["pid"]), "host 0 serves the group's rendezvous"
+    assert not non_loopback(hosts), f"model hosts listening beyond loopback: {non_loopback(hosts)}"
 
 
 def test_one_host_per_node_and_identical_replicas_after_every_step(run):
