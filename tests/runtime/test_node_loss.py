@@ -1,6 +1,7 @@
 """A node gone for good in a two-node cluster (`ray.cluster_utils.Cluster` on 127.0.0.1).
 
-The second node (its model host and its rollout worker) is removed after step 0. With the number
+The second node (its model host and its rollout worker) is removed after step 0 (which summed its
+gradients among the two hosts: cluster.grad_sync collective, the default). With the number
 of hosts following the nodes (cluster.num_hosts: null), the run goes on with the host left: the
 lost worker is started anew on the node left and resumes its shard of the stream, so no prompt
 is lost or used twice. With a fixed number of hosts, the run stops with a checkpoint of the last
@@ -38,7 +39,9 @@ def _run(assets, out, num_hosts, tmp_path, caplog):
             seen["learner"] = learner
 
         def on_step(step, metrics):
-            if step == 0:
+            if step == 0:  # step 0 summed its gradients among the two hosts (their collective group)
+                group = seen["learner"].hosts
+                seen["collective"] = group.collective and group.members is not None and len(group) == 2
                 seen["lost"] = other.node_id
                 c["cluster"].remove_node(other, allow_graceful=False)
 
@@ -53,7 +56,7 @@ def test_a_lost_node_shrinks_the_group_and_the_run_goes_on(assets, tmp_path, cap
     out = tmp_path / "run"
     summary, seen, head = _run(assets, out, None, tmp_path, caplog)
     assert not isinstance(summary, Exception), summary
-    assert seen["lost"] in seen["nodes"] and len(seen["nodes"]) == 2
+    assert seen["lost"] in seen["nodes"] and len(seen["nodes"]) == 2 and seen["collective"]
     assert summary["steps"] == 4 and summary["recoveries"] >= 1
     assert [h["node_id"] for h in summary["hosts"]] == [head.node_id]
     assert "gone for good" in caplog.text
@@ -70,6 +73,7 @@ def test_a_lost_node_with_a_fixed_number_of_hosts_stops_with_a_checkpoint(assets
     out = tmp_path / "run"
     err, seen, _ = _run(assets, out, 2, tmp_path, caplog)
     assert isinstance(err, HostLost), err
+    assert seen["collective"]
     assert seen["lost"] in str(err) and "num_hosts" in str(err)
     latest = checkpoint.resolve(out, "latest")
     meta, state, files = checkpoint.load(latest)
