@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -122,8 +123,7 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
     # per-step lines on the console only without a progress bar (the bar shows each policy's reward)
     logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard,
                            echo=not console.progress(cfg.run.progress) and not console.quiet())
-    file_log = console.log_file(out)
-    file_log.__enter__()
+    file_log = contextlib.ExitStack()  # out/log.txt, once the run is past its refusals
     try:
         t0 = time.perf_counter()
         actors = (start_inprocess if inprocess else start_actors)(cfg, seed=cfg.run.seed)
@@ -142,6 +142,7 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             logger.truncate(0)  # a fresh run in an old folder starts a fresh metrics file
         # Only now: a run refused above (bad adapter, mismatching checkpoint) leaves the folder as it was.
         save_config(cfg, out / "config.yaml")
+        file_log.enter_context(console.log_file(out))
         extra = {"start": on_start(learner) if on_start else None}
         heldout = eval_rows(cfg.data)
         evals: dict[int, dict] = {}
@@ -189,7 +190,7 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         (out / "ppo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
     finally:
-        file_log.__exit__(None, None, None)
+        file_log.close()
         logger.close()
         if actors is not None:  # the learner's workers: it may have started some anew
             workers = learner.workers if learner is not None else actors.workers
