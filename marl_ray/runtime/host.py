@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -160,6 +161,12 @@ class ModelHost:
         computes the new ones during training, so the ratio is exactly 1 before any update. With
         req.rollout (ppo.rollout_logprobs) the policy's come from the decode steps instead.
         """
+        n = len(req.policies)
+        if req.chunk and n > req.chunk:  # in chunks of rows: the pass's peak memory is a chunk's
+            parts = [self.evaluate(replace(req.rows(slice(lo, lo + req.chunk)), chunk=None))
+                     for lo in range(0, n, req.chunk)]
+            return Evaluation(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR")))
         dev = self.model.device
         ev = self.model.evaluate(req.input_ids.to(dev), req.attention_mask.to(dev), req.policies, req.rewards,
                                  req.response_start, rollout=req.rollout, reference=req.reference)

@@ -47,13 +47,14 @@ class EvalRequest:
     response_start: int  # P
     rollout: RolloutScores | None = None  # decode-step scores: no policy rows in the pass
     reference: list[bool] | None = None  # (B,) False: no reference row (ref logprobs 0); None: all
+    chunk: int | None = None  # rows per pass (ppo.micro_batch_size); None: all of a host's rows in one
 
     def rows(self, sl: slice) -> "EvalRequest":
         roll = None if self.rollout is None else RolloutScores(
             self.rollout.logprobs_BR[sl], self.rollout.values_BR[sl], self.rollout.entropy_BR[sl])
         ref = None if self.reference is None else self.reference[sl]
         return EvalRequest(self.input_ids[sl], self.attention_mask[sl], self.policies[sl], self.rewards[sl],
-                           self.response_start, roll, ref)
+                           self.response_start, roll, ref, self.chunk)
 
 
 @dataclass(frozen=True)

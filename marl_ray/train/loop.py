@@ -156,7 +156,8 @@ class Learner:
         reference = [self.spec[p].uses_reference for p in batch.policies]
         return self.hosts.evaluate(EvalRequest(batch.input_ids, batch.attention_mask, batch.policies, rewards,
                                                batch.response_start, batch.rollout,
-                                               None if all(reference) else reference))
+                                               None if all(reference) else reference,
+                                               self.cfg.ppo.micro_batch_size))
 
     def rewards(self, batch: Batch, ev: Evaluation) -> tuple[torch.Tensor, dict[str, dict]]:
         """Each row's total reward (before reward_weight) and, per policy, each reward's mean and std.

@@ -240,6 +240,16 @@ def test_sharded_gradient_step_equals_single_host_step(run):
         torch.testing.assert_close(summed[k], whole[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"grad {k}: {m}")
     for k in stats1:
         assert stats2[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-7), k
+    # ppo.micro_batch_size also chunks the scoring pass: the same scores, 3 rows at a time
+    from dataclasses import replace as _replace
+
+    from marl_ray.runtime.protocol import EvalRequest
+
+    req = EvalRequest(batch.input_ids, batch.attention_mask, batch.policies,
+                      [learner.adapter[p] for p in batch.policies], batch.response_start)
+    one, chunked = ray.get([solo.evaluate.remote(req), solo.evaluate.remote(_replace(req, chunk=3))])
+    for f in ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR"):
+        torch.testing.assert_close(getattr(chunked, f), getattr(one, f), rtol=1e-5, atol=1e-6, equal_nan=True)
     # ppo.micro_batch_size: the same shard in chunks of 3 rows (the last one shorter), gradients summed
     micro, stats3 = _sharded_grads(learner, [solo], batch, ev, adv, policy, local, cfg, micro_batch_size=3)
     for k in whole:
