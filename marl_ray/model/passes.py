@@ -134,8 +134,9 @@ class MultiAdapterModel(AdapterRegistry):
     # ---------------------------------------------------------------- passes
     def hidden(self, input_ids_BT, attention_mask_BT, adapters: str | Sequence[str], keep_from: int = 0) -> torch.Tensor:
         """Final hidden states (B, T - keep_from, H) of positions [keep_from, T), row b under
-        adapters[b] ("ref" = the reference). A plain Llama base runs through decoding.LeanLlama
-        (eager attention, last layer on the kept positions only), any other through its HF decoder."""
+        adapters[b] ("ref" = the reference). A base of a family of decoding.FAMILIES (Llama, Qwen2, Qwen3,
+        Mistral) runs through decoding.LeanLlama (eager attention, last layer on the kept positions
+        only), any other through its HF decoder."""
         names = [adapters] * input_ids_BT.shape[0] if isinstance(adapters, str) else list(adapters)
         if not 0 <= keep_from < input_ids_BT.shape[1]:
             raise ValueError(f"keep_from={keep_from} is outside the sequence (length {input_ids_BT.shape[1]})")
