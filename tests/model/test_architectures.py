@@ -10,13 +10,13 @@ gate_up_proj) and GPT-2 (Conv1D, n_embd). Precisions: fp32, bf16, 8-bit and 4-bi
 from __future__ import annotations
 
 import logging
-from itertools import chain
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TEXTS, pad_batch, quiet_from_pretrained, randomize_, randomize_policy_
+from isolation_utils import check_training_a_isolates
 from marl_ray.data.tiny import ARCHITECTURES
 from marl_ray.model import AdapterError, MultiAdapterModel
 from marl_ray.model import targets as tg
@@ -101,32 +101,6 @@ def hf_logprobs(m: MultiAdapterModel, names, ids, mask, rs) -> torch.Tensor:
     return logprobs_from_logits(logits[:, rs - 1:-1].float(), ids[:, rs:])
 
 
-def assert_frozen_except_policies(m):
-    trainable = {id(p) for name in m.policies for p in m.policy_parameters(name)}
-    assert trainable
-    for n, p in m.named_parameters():
-        assert p.requires_grad == (id(p) in trainable), f"{n}: requires_grad={p.requires_grad}"
-
-
-def quant_state(m) -> dict:
-    """Cloned raw quantization state of every bitsandbytes layer (4-bit: absmax + code; 8-bit: CB + SCB)."""
-    import bitsandbytes as bnb
-
-    out = {}
-    for name, mod in m.base.named_modules():
-        if not isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            continue
-        w = mod.weight
-        if getattr(w, "quant_state", None) is not None:
-            out[f"{name}.absmax"] = w.quant_state.absmax.clone()
-            out[f"{name}.code"] = w.quant_state.code.clone()
-        if hasattr(w, "SCB"):
-            scb = w.SCB if w.SCB is not None else mod.state.SCB
-            cb = w.CB if w.CB is not None else mod.state.CB
-            out[f"{name}.SCB"], out[f"{name}.CB"] = scb.clone(), cb.clone()
-    return out
-
-
 ARCH_X_PRECISION = [(a, p) for a in ARCHITECTURES for p in PRECISIONS]
 
 
@@ -173,47 +147,7 @@ def test_training_one_policy_changes_nothing_else(arch_assets, arch, precision):
     randomize_policy_(m, "b", seed=3)
     m.add_reward("rm", arch_assets(arch)["reward"])
     assert m.value_heads["a"].in_features == m.base.config.get_text_config().hidden_size == 64  # GPT-2: n_embd
-    qs0 = quant_state(m) if precision in ("8bit", "4bit") else {}
-    assert bool(qs0) == (precision in ("8bit", "4bit")), "a quantized base without bitsandbytes layers"
-    scores0 = m.reward_scores("rm", ids, mask)
-    m.evaluate(ids, mask, ["a", "b", "a"], ["rm"] * 3, rs)
-    assert_frozen_except_policies(m)
-
-    a_params = {id(p) for p in m.policy_parameters("a")}
-    snapshot = {n: t.detach().clone() for n, t in chain(m.named_parameters(), m.named_buffers())
-                if id(t) not in a_params}
-    assert any(".lora_A.rm." in n for n in snapshot) and "score_heads.rm.weight" in snapshot
-    assert any(".lora_B.b." in n for n in snapshot) and "value_heads.b.weight" in snapshot
-    a0 = {k: v.detach().clone() for k, v in m.policy_state("a").items()}
-    b0 = {k: v.detach().clone() for k, v in m.policy_state("b").items()}
-    ref0 = m.reference_logprobs(ids, mask, rs)
-    with torch.no_grad():
-        b_out0 = m.policy_forward("b", ids, mask, rs)[:2]
-
-    opt = torch.optim.AdamW(m.policy_parameters("a"), lr=1e-2)
-    for _ in range(3):
-        logprobs, values, _ = m.policy_forward("a", ids, mask, rs)
-        loss = -logprobs.mean() + (values - 1.0).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.reward_scores("rm", ids, mask)  # the other roles' passes in between, as PPO runs them
-        m.reference_logprobs(ids, mask, rs)
-
-    for n, t in chain(m.named_parameters(), m.named_buffers()):
-        if id(t) not in a_params:
-            assert torch.equal(t, snapshot[n]), f"{n} changed while training policy a"
-            assert t.grad is None, f"{n} received a gradient"
-    qs1 = quant_state(m) if qs0 else {}
-    assert qs1.keys() == qs0.keys() and all(torch.equal(qs0[k], qs1[k]) for k in qs0)
-    assert all(torch.equal(v, b0[k]) for k, v in m.policy_state("b").items())
-    assert all(not torch.equal(v, a0[k]) for k, v in m.policy_state("a").items()), "policy a did not train"
-    assert torch.equal(m.reference_logprobs(ids, mask, rs), ref0)
-    assert torch.equal(m.reward_scores("rm", ids, mask), scores0)
-    with torch.no_grad():
-        for x, y in zip(m.policy_forward("b", ids, mask, rs)[:2], b_out0):
-            assert torch.equal(x, y)
-    assert_frozen_except_policies(m)
+    check_training_a_isolates(m, ids, mask, rs, quantized=precision in ("8bit", "4bit"))
 
 
 # ------------------------------------------------------------------------------------ targets

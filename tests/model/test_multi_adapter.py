@@ -6,8 +6,6 @@ All on the tiny local Llama (H=64, 2 layers), CPU.
 from __future__ import annotations
 
 import json
-from itertools import chain
-
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import torch
 from conftest import (
     lora_config, pad_batch, quiet_from_pretrained, randomize_policy_, write_reward_folder,
 )
+from isolation_utils import assert_frozen_except_policies, check_training_a_isolates
 from marl_ray.model.adapter_io import META_FILE, AdapterError, base_fingerprint
 from marl_ray.model import MultiAdapterModel
 from marl_ray.train.ppo import entropy_from_logits, logprobs_from_logits
@@ -45,93 +44,15 @@ def two_policies_and_reward(base_dir, reward_dir, quantization="none"):
     return m
 
 
-def quant_state(model):
-    """Raw quantization statistics of every bitsandbytes layer (cloned)."""
-    import bitsandbytes as bnb
-
-    out = {}
-    for name, mod in model.base.named_modules():
-        if not isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            continue  # (peft's LoRA wrappers expose their base layer's weight too)
-        w = mod.weight
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:  # Linear4bit: blockwise absmax + code table
-            out[f"{name}.absmax"] = qs.absmax.clone()
-            out[f"{name}.code"] = qs.code.clone()
-        if hasattr(w, "SCB"):  # Linear8bitLt: int8 matrix + row scales; the first forward moves
-            state = mod.state   # them from the weight to the layer's MatmulLtState
-            scb = w.SCB if w.SCB is not None else state.SCB
-            cb = w.CB if w.CB is not None else state.CB
-            assert scb is not None and cb is not None and cb.dtype == torch.int8
-            out[f"{name}.SCB"] = scb.clone()
-            out[f"{name}.CB"] = cb.clone()
-    return out
-
-
-def assert_frozen_except_policies(m):
-    trainable = {id(p) for name in m.policies for p in m.policy_parameters(name)}
-    assert trainable
-    for n, p in m.named_parameters():
-        assert p.requires_grad == (id(p) in trainable), f"{n}: requires_grad={p.requires_grad}"
-
-
 # ---------------------------------------------------------------------------- 1. isolation
 @pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
 def test_training_one_policy_changes_nothing_else(base_dir, reward_dir, rollout, quantization):
     m = two_policies_and_reward(base_dir, reward_dir, quantization)
     ids, mask, rs = rollout
     if quantization != "none":
-        qs0 = quant_state(m)
-        assert qs0, "no bitsandbytes layer found in a quantized base"
         raw = {p.dtype for n, p in m.base.named_parameters() if n.endswith("q_proj.base_layer.weight")}
         assert raw == ({torch.uint8} if quantization == "4bit" else {torch.int8})
-
-    # peft's set_adapter switches requires_grad on for the adapter it activates: the model undoes that
-    scores0 = m.reward_scores("rm", ids, mask)
-    assert_frozen_except_policies(m)
-    m.evaluate(ids, mask, ["a", "b", "a"], ["rm"] * 3, rs)
-    assert_frozen_except_policies(m)
-
-    a_params = {id(p) for p in m.policy_parameters("a")}
-    snapshot = {n: t.detach().clone() for n, t in chain(m.named_parameters(), m.named_buffers())
-                if id(t) not in a_params}
-    assert any(".lora_A.rm." in n for n in snapshot) and "score_heads.rm.weight" in snapshot
-    assert any(".lora_B.b." in n for n in snapshot) and "value_heads.b.weight" in snapshot
-    a0 = {k: v.detach().clone() for k, v in m.policy_state("a").items()}
-    b0 = {k: v.detach().clone() for k, v in m.policy_state("b").items()}
-    ref0 = m.reference_logprobs(ids, mask, rs)
-    with torch.no_grad():
-        b_out0 = m.policy_forward("b", ids, mask, rs)[:2]
-
-    opt = torch.optim.AdamW(m.policy_parameters("a"), lr=1e-2)
-    for _ in range(3):
-        logprobs, values, _ = m.policy_forward("a", ids, mask, rs)
-        loss = -logprobs.mean() + (values - 1.0).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.reward_scores("rm", ids, mask)  # interleave the other roles' passes, as PPO does
-        m.reference_logprobs(ids, mask, rs)
-
-    for n, t in chain(m.named_parameters(), m.named_buffers()):
-        if id(t) not in a_params:
-            assert torch.equal(t, snapshot[n]), f"{n} changed while training policy a"
-            assert t.grad is None, f"{n} received a gradient"
-    if quantization != "none":
-        qs1 = quant_state(m)
-        assert qs1.keys() == qs0.keys()
-        for k in qs0:
-            assert torch.equal(qs0[k], qs1[k]), f"quantization state {k} changed"
-    for k, v in m.policy_state("b").items():
-        assert torch.equal(v, b0[k]), f"policy b's {k} changed"
-    for k, v in m.policy_state("a").items():
-        assert not torch.equal(v, a0[k]), f"policy a's {k} did not train"
-    assert torch.equal(m.reference_logprobs(ids, mask, rs), ref0)
-    assert torch.equal(m.reward_scores("rm", ids, mask), scores0)
-    with torch.no_grad():
-        for x, y in zip(m.policy_forward("b", ids, mask, rs)[:2], b_out0):
-            assert torch.equal(x, y)
-    assert_frozen_except_policies(m)
+    check_training_a_isolates(m, ids, mask, rs, quantized=quantization != "none")
 
 
 # ---------------------------------------------------------------------------- 3. reference = base
