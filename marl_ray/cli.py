@@ -15,9 +15,11 @@ def _ppo(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="marl-ray ppo",
-        description="Stage 3: PPO of several LoRA policies on one shared (optionally quantized) base, on Ray. "
-                    "Policies are scored by reward adapters on the same base; the reference is the base with "
-                    "adapters disabled. Writes metrics.jsonl, TensorBoard logs and policies/NAME under run.out_dir.")
+        description="Stage 3: RL of several LoRA policies on one shared (optionally quantized) base, on Ray, each "
+                    "with its own algorithm (ppo, grpo, rloo, reinforce_pp). Policies are scored by reward adapters "
+                    "on the same base and/or reward functions; the reference is the base with adapters disabled. "
+                    "Writes metrics.jsonl, samples.jsonl, eval.jsonl (with held-out prompts), log.txt, TensorBoard "
+                    "logs and policies/NAME under run.out_dir.")
     add_config_args(parser, PPORunConfig)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint of run.out_dir, or from the given checkpoint folder")
