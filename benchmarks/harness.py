@@ -81,6 +81,18 @@ def spread(xs, digits: int | None = None) -> dict | None:
 
 # ------------------------------------------------------------------ the reference workload
 
+def _micro_batch(text: str):
+    """--micro-batch-size: a number of rows, or none (the whole minibatch in one pass)."""
+    return "none" if text.lower() in ("none", "null", "0") else int(text)
+
+
+def _micro_batch_setting(value) -> dict:
+    """The ppo.micro_batch_size entry of a config: absent (the project's default), null, or a number."""
+    if value is None:
+        return {}
+    return {"micro_batch_size": None if value == "none" else int(value)}
+
+
 def add_run_args(ap, workdir_help: str = "where the built model and prompts are cached") -> None:
     """The command-line options that ppo_step.py and grpo_step.py share (one run of a workload)."""
     ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
@@ -91,8 +103,9 @@ def add_run_args(ap, workdir_help: str = "where the built model and prompts are 
                     help="rollout engine (vllm: needs the vllm extra, e.g. .venv-vllm on CPU)")
     ap.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                     help="recompute decoder layers in training (auto: on for 4/8-bit bases, else off)")
-    ap.add_argument("--micro-batch-size", type=int, default=None,
-                    help="ppo.micro_batch_size: rows per training pass (default: the whole minibatch)")
+    ap.add_argument("--micro-batch-size", type=_micro_batch, default=None,
+                    help="ppo.micro_batch_size: rows per training and scoring pass (default: the project's "
+                         "default; 'none': the whole minibatch in one pass)")
     ap.add_argument("--rollout-logprobs", choices=["auto", "on", "off"], default="auto",
                     help="ppo.rollout_logprobs: old logprobs/values from the decode steps (auto: on unless 4/8-bit)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the model host")
@@ -183,7 +196,7 @@ def make_config(base, rm, prompts, out_dir, *, policies: int = 1, quant: str = "
         "policies": pols,
         "generation": {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "backend": backend},
         "ppo": {"steps": 1000, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "gamma": 1.0, "lam": 0.95,
-                "micro_batch_size": micro_batch_size, "rollout_logprobs": _AUTO_ON_OFF[rollout_logprobs],
+                **_micro_batch_setting(micro_batch_size), "rollout_logprobs": _AUTO_ON_OFF[rollout_logprobs],
                 "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "max_grad_norm": None},
         "cluster": {"runtime": runtime, "num_hosts": 1, "host_num_cpus": threads, "rollout_workers": 1},
         "data": {"prompts": str(prompts), "max_prompt_tokens": 16},
@@ -250,7 +263,7 @@ def make_grpo_config(base, prompts, out_dir, *, policies: int = 1, quant: str = 
         "generation": {"max_new_tokens": g["new_tokens"], "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                        "stop_at_eos": False, "backend": backend},
         "ppo": {"steps": 1000, "batch_size": g["prompts_per_step"], "mini_batch_size": g["prompts_per_step"],
-                "ppo_epochs": 1, "micro_batch_size": micro_batch_size,
+                "ppo_epochs": 1, **_micro_batch_setting(micro_batch_size),
                 "rollout_logprobs": _AUTO_ON_OFF[rollout_logprobs],
                 "max_grad_norm": g["max_grad_norm"]},
         "cluster": {"runtime": runtime, "num_hosts": 1, "host_num_cpus": threads, "rollout_workers": 1},

