@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (GRPO, add_run_args, build_base, emit, grpo_prompts, make_grpo_config, peak_rss_mib,  # noqa: E402
-                     rss_mib, start, workdir)
-from turns import Turns  # noqa: E402
+from harness import (GRPO, add_run_args, build_base, emit, grpo_prompts, host_memory, make_grpo_config,  # noqa: E402
+                     prepare_process, start, timed_steps, workdir)
 
 CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
                   "micro_batch_size", "rollout_logprobs", "beta", "loss_type")  # -> harness.make_grpo_config
@@ -40,18 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=GRPO["beta"], help="KL weight (0: no reference pass)")
     ap.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default=GRPO["loss_type"])
     args = ap.parse_args(argv)
-    iters = args.iters or (2 if args.size == "large" else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    import marl_ray.train.loop  # noqa: F401  (imported before the baseline reading)
-
-    baseline = rss_mib()
+    iters, warmup, baseline = prepare_process(args)
     work = workdir(args.workdir)
     base = build_base(work, args.size)
     prompts = grpo_prompts(work, base, GRPO["prompts_per_step"] * (iters + warmup))
@@ -59,7 +46,6 @@ def main(argv=None) -> int:
                            **{k: getattr(args, k) for k in CONFIG_OPTIONS})
     run = start(cfg, seed=0)
     learner = run.learner
-    pol = learner.policies[0]
 
     import json
 
@@ -78,23 +64,10 @@ def main(argv=None) -> int:
         return batch
 
     learner.rollout = counted_rollout
-    steps, used_prompts = [], []
-    turns = Turns(args.turns)
-    turns.ready()
-    try:
-        for i in range(warmup + iters):
-            turns.wait()
-            t = time.time()
-            m = learner.run_step()
-            turns.passed()
-            mp = m[pol]
-            steps.append({"start": t, **{k: mp[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
-                                                              "time/train_s")},
-                          "reward": mp.get("rewards/vowels/mean"), "len": (seen["min_len"], seen["max_len"]),
-                          "rows": seen["rows"], "exact_prompts": seen["exact_prompts"]})
-            used_prompts.append(seen["prompt_ids"])
-    finally:
-        turns.finish()
+    steps = timed_steps(learner, args.turns, warmup + iters, lambda mp: {
+        "reward": mp.get("rewards/vowels/mean"), "len": (seen["min_len"], seen["max_len"]), "rows": seen["rows"],
+        "exact_prompts": seen["exact_prompts"], "prompt_ids": seen["prompt_ids"]})
+    used_prompts = [s["prompt_ids"] for s in steps]
     timed = steps[warmup:]
     info = run.info()
     if run.ray:  # what the config resolves to (the model sits in the host actor)
@@ -102,10 +75,7 @@ def main(argv=None) -> int:
                                                               and args.quant != "none")
     else:
         gc_resolved = bool(run.host().model.gradient_checkpointing)
-    if run.ray:
-        host_peak, host_base = info["peak_rss_mib"], info["baseline_rss_mib"]
-    else:
-        host_peak, host_base = peak_rss_mib(), baseline
+    host_peak, host_base = host_memory(run, info, baseline)
     run.shutdown()
     per_step = GRPO["prompts_per_step"] * GRPO["num_generations"] * args.policies
     fresh = all(len(p) == GRPO["prompts_per_step"] for p in used_prompts) and \

@@ -116,6 +116,53 @@ def add_run_args(ap, workdir_help: str = "where the built model and prompts are 
     ap.add_argument("--turns", default=None, metavar="DIR:K:N",
                     help="take turns iteration by iteration with N-1 other processes (benchmarks/turns.py)")
 
+def prepare_process(args) -> tuple[int, int, float]:
+    """(timed iterations, warm-up iterations, baseline RSS in MiB) of a step script: its torch threads set
+    and the heavy modules imported before the baseline is read, so it counts the model, not the imports."""
+    iters = args.iters or (2 if args.size == "large" else 5)
+    warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import marl_ray.train.loop  # noqa: F401
+
+    return iters, warmup, rss_mib()
+
+
+def timed_steps(learner, turns_spec: str | None, n: int, record=None) -> list[dict]:
+    """n learner steps, taking turns with other processes (`--turns`, benchmarks/turns.py); per step its
+    start time, the first policy's phase times and what `record(metrics of that policy)` adds."""
+    import time
+
+    from turns import Turns
+
+    steps = []
+    turns = Turns(turns_spec)
+    turns.ready()
+    try:
+        for _ in range(n):
+            turns.wait()
+            t = time.time()
+            m = learner.run_step()[learner.policies[0]]
+            turns.passed()
+            steps.append({"start": t, **{k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
+                                                             "time/train_s")}, **(record(m) if record else {})})
+    finally:
+        turns.finish()
+    return steps
+
+
+def host_memory(run, info: dict, baseline: float) -> tuple[float, float]:
+    """(peak, baseline) RSS in MiB of the process holding the model: the host actor's own figures on
+    Ray, else this process's."""
+    if run.ray:
+        return info["peak_rss_mib"], info["baseline_rss_mib"]
+    return peak_rss_mib(), baseline
+
+
 def workdir(path: str | None = None) -> Path:
     """The folder the workload is cached in (created): `path`, or $TMPDIR/marl-ray-bench."""
     work = Path(path or os.path.join(tempfile.gettempdir(), "marl-ray-bench"))

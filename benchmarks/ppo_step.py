@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import add_run_args, build_workload, emit, make_config, peak_rss_mib, rss_mib, start, workdir  # noqa: E402
-from turns import Turns  # noqa: E402
+from harness import (add_run_args, build_workload, emit, host_memory, make_config, prepare_process,  # noqa: E402
+                     start, timed_steps, workdir)
 
 CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
                   "micro_batch_size", "rollout_logprobs")  # the options that go into harness.make_config
@@ -31,42 +30,16 @@ def main(argv=None) -> int:
     add_run_args(ap, "where the built model/adapters are cached")
     ap.add_argument("--policies", type=int, default=1)
     args = ap.parse_args(argv)
-    iters = args.iters or (2 if args.size == "large" else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if args.size == "large" else 2)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    import marl_ray.train.loop  # noqa: F401  (imported before the baseline reading)
-
-    baseline = rss_mib()
+    iters, warmup, baseline = prepare_process(args)
     work = workdir(args.workdir)
     base, rm, prompts = build_workload(work, args.size, n_prompts=16 * (iters + warmup))
     cfg = make_config(base, rm, prompts, work / "out", **{k: getattr(args, k) for k in CONFIG_OPTIONS})
     run = start(cfg, seed=0)
     learner = run.learner
-    steps = []
-    turns = Turns(args.turns)
-    turns.ready()
-    try:
-        for i in range(warmup + iters):
-            turns.wait()
-            t = time.time()
-            m = learner.run_step()[learner.policies[0]]
-            turns.passed()
-            steps.append({"start": t, **{k: m[k] for k in ("time/step_s", "time/rollout_s", "time/score_s",
-                                                             "time/train_s")}})
-    finally:
-        turns.finish()
+    steps = timed_steps(learner, args.turns, warmup + iters)
     timed = steps[warmup:]
     info = run.info()
-    if run.ray:  # the host is an actor: its own figures
-        host_peak, host_base = info["peak_rss_mib"], info["baseline_rss_mib"]
-    else:
-        host_peak, host_base = peak_rss_mib(), baseline
+    host_peak, host_base = host_memory(run, info, baseline)
     run.shutdown()
     med = statistics.median([s["time/step_s"] for s in timed])
     result = {
