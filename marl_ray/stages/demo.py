@@ -95,6 +95,15 @@ def plot_policy(rows: list[dict], policy: str, path: Path):
             ax.set_title(f"{policy}: {title}")
 
 
+def _run_facts(sft: dict, host: dict, seed: int, quick: bool, times: dict, t0: float) -> dict:
+    """What both demos' summary.json say of the run itself: the SFT summary's scalars, the model host's
+    memory and base, the seed, and the stage times."""
+    return {"sft": {k: v for k, v in sft.items() if isinstance(v, (int, float, str))},
+            "peak_rss_mib": host["peak_rss_mib"], "base_copies": host["base_copies"],
+            "base_params": host["base_params"], "quantization": host["quantization"],
+            "seed": seed, "quick": quick, "times_s": {**times, "total_s": time.perf_counter() - t0}}
+
+
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides=()) -> dict:
     from marl_ray.data.domain import oracle_score, prompts
     from marl_ray.metrics import read_metrics
@@ -148,11 +157,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides=()) 
             "adapter": summary_ppo["saved"][p],
         } for p, w in POLICIES.items()},
         "reward_accuracy": rw["reward_accuracy"],
-        "sft": {k: v for k, v in sft.items() if isinstance(v, (int, float, str))},
-        "peak_rss_mib": host["peak_rss_mib"], "base_copies": host["base_copies"],
-        "base_params": host["base_params"], "quantization": host["quantization"],
-        "seed": seed, "quick": quick, "ppo_steps": summary_ppo["steps"],
-        "times_s": {**times, "total_s": time.perf_counter() - t0},
+        **_run_facts(sft, host, seed, quick, times, t0), "ppo_steps": summary_ppo["steps"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "samples.json").write_text(json.dumps(
@@ -357,11 +362,7 @@ def run_arithmetic_demo(out: str | Path, quick: bool = False, seed: int = 0, ove
         "eval": {"split": "eval", "problems": len(eval_rows), "samples_per_problem": ARITH_EVAL_SAMPLES,
                  "temperature": cfg.generation.temperature, "seed": eval_seed},
         "reward": ARITH_REWARD,
-        "sft": {k: v for k, v in sft.items() if isinstance(v, (int, float, str))},
-        "peak_rss_mib": host["peak_rss_mib"], "base_copies": host["base_copies"],
-        "base_params": host["base_params"], "quantization": host["quantization"],
-        "seed": seed, "quick": quick, "rl_steps": summary_rl["steps"],
-        "times_s": {**times, "total_s": time.perf_counter() - t0},
+        **_run_facts(sft, host, seed, quick, times, t0), "rl_steps": summary_rl["steps"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "samples.json").write_text(json.dumps(
