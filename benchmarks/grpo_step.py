@@ -28,7 +28,7 @@ from harness import (GRPO, add_run_args, build_base, emit, grpo_prompts, host_me
                      prepare_process, start, timed_steps, workdir)
 
 CONFIG_OPTIONS = ("policies", "quant", "dtype", "runtime", "threads", "backend", "gradient_checkpointing",
-                  "micro_batch_size", "rollout_logprobs", "beta", "loss_type")  # -> harness.make_grpo_config
+                  "micro_batch_size", "rollout_logprobs", "beta", "loss_type", "batch_rows")  # -> harness.make_grpo_config
 
 
 def main(argv=None) -> int:
@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", type=int, default=1, help="GRPO policies on the one base")
     ap.add_argument("--beta", type=float, default=GRPO["beta"], help="KL weight (0: no reference pass)")
     ap.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default=GRPO["loss_type"])
+    ap.add_argument("--batch-rows", type=int, default=None,
+                    help="generation.batch_rows: rows a host decodes at once (default: all of a rollout)")
     args = ap.parse_args(argv)
     iters, warmup, baseline = prepare_process(args)
     work = workdir(args.workdir)

@@ -288,11 +288,13 @@ def grpo_prompts(work: Path, base: Path, n: int, seed: int = 0) -> Path:
 def make_grpo_config(base, prompts, out_dir, *, policies: int = 1, quant: str = "none", dtype: str = "fp32",
                      runtime: str = "inprocess", threads: float = 2, backend: str = "hf",
                      gradient_checkpointing: str = "auto", micro_batch_size: int | None = None,
-                     rollout_logprobs: str = "auto", beta: float = GRPO["beta"], loss_type: str = GRPO["loss_type"]):
+                     rollout_logprobs: str = "auto", beta: float = GRPO["beta"], loss_type: str = GRPO["loss_type"],
+                     batch_rows: int | None = None):
     """The GRPO reference workload's PPORunConfig: `policies` GRPO policies (g0, g1, ...) on one base,
     each 16 prompts x G=4 completions of exactly 16 tokens per step (64 completions), one pass (mu=1)
     and one optimizer step over the 64 (mini_batch_size = batch_size = 16 prompts), scored by the
-    vowel-fraction function alone. gradient_checkpointing / rollout_logprobs: auto|on|off."""
+    vowel-fraction function alone. gradient_checkpointing / rollout_logprobs: auto|on|off; batch_rows:
+    generation.batch_rows (rows decoded at once; None: all)."""
     from marl_ray.config import PPORunConfig, load_config
 
     g = GRPO
@@ -308,7 +310,7 @@ def make_grpo_config(base, prompts, out_dir, *, policies: int = 1, quant: str = 
         "rewards": [{"name": "vowels", "function": f"{REWARD_FN}:vowel_fraction"}],
         "policies": pols,
         "generation": {"max_new_tokens": g["new_tokens"], "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                       "stop_at_eos": False, "backend": backend},
+                       "stop_at_eos": False, "backend": backend, "batch_rows": batch_rows},
         "ppo": {"steps": 1000, "batch_size": g["prompts_per_step"], "mini_batch_size": g["prompts_per_step"],
                 "ppo_epochs": 1, **_micro_batch_setting(micro_batch_size),
                 "rollout_logprobs": _AUTO_ON_OFF[rollout_logprobs],

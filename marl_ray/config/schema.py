@@ -162,6 +162,11 @@ class GenerationSpec:
     top_p: float = opt(1.0, "Nucleus sampling probability mass; 1.0 = off.", gt=0, le=1)
     stop_at_eos: bool = opt(False, "End a response at the first EOS sampled after min_new_tokens; false = EOS is "
                             "never sampled and every response has max_new_tokens tokens.")
+    batch_rows: Optional[int] = opt(
+        None, "Rows a model host decodes at once: a rollout call with more rows is sampled in chunks of this "
+        "many, chunk k under seed + k (other samples than one batch gives, as reproducible). null = every row "
+        "of the call at once (fastest). Caps the decode's memory (KV cache, logits) when several policies "
+        "and num_generations multiply the rows.", ge=1)
     backend: Literal["hf", "vllm"] = opt(
         "hf", "Rollout engine of each model host: hf = HF generate on the training model; vllm = a vLLM engine "
         "over the same base with one LoRA slot per policy, synced after every update (needs the vllm extra).")

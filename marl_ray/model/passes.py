@@ -78,6 +78,8 @@ class Evaluation:
     scores_B: torch.Tensor
     entropy_BR: torch.Tensor
 
+    FIELDS = ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR")  # in field order
+
 
 @dataclass
 class RolloutScores:
@@ -86,6 +88,8 @@ class RolloutScores:
     logprobs_BR: torch.Tensor
     values_BR: torch.Tensor
     entropy_BR: torch.Tensor
+
+    FIELDS = ("logprobs_BR", "values_BR", "entropy_BR")  # in field order
 
 
 

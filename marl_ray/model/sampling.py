@@ -39,11 +39,13 @@ class SamplingSettings:
     scored: bool = False  # also return the policy's logprobs/values/entropies of the sampled tokens
     # tokens treated as EOS besides the base's (a chat template's end of turn: data/prompts.end_of_turn_ids)
     stop_token_ids: tuple[int, ...] = ()
+    batch_rows: int | None = None  # a host decodes at most this many rows at once (None: all of a call's)
 
     @classmethod
     def from_config(cls, gen, scored: bool = False) -> "SamplingSettings":
         return cls(max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens, temperature=gen.temperature,
-                   top_k=gen.top_k, top_p=gen.top_p, stop_at_eos=gen.stop_at_eos, scored=scored)
+                   top_k=gen.top_k, top_p=gen.top_p, stop_at_eos=gen.stop_at_eos, scored=scored,
+                   batch_rows=gen.batch_rows)
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 from marl_ray.model import tweaks
 from marl_ray.model.adapter_io import ADAPTER_WEIGHTS, VALUE_HEAD_FILE
 from marl_ray.runtime.protocol import (
-    EvalRequest, Evaluation, Gradients, LossSettings, Minibatch, PolicyState, Samples, SamplingSettings, TrainResult,
+    EvalRequest, Evaluation, Gradients, LossSettings, Minibatch, PolicyState, RolloutScores, Samples, SamplingSettings,
+    TrainResult,
 )
 from marl_ray.train import ppo
 
@@ -149,8 +150,23 @@ class ModelHost:
         """Responses of `prompts[i]` under `policies[i]`, exactly R = max_new_tokens positions each;
         positions after the first EOS (possible only with stop_at_eos and min_new_tokens < R) are
         padding (mask 0). With settings.scored, also the policy's logprobs, values and entropies of the
-        sampled tokens where the sampler gives them (the lean decode loop)."""
-        return self.sampler.sample(self.model, prompts, policies, settings, seed)
+        sampled tokens where the sampler gives them (the lean decode loop). With settings.batch_rows,
+        at most that many rows are decoded at once, chunk k under seed + k."""
+        order = _by_policy(policies)
+        if order is not None:  # each policy's rows side by side: one LoRA product per policy and layer
+            out = self.sample([prompts[i] for i in order], [policies[i] for i in order], settings, seed)
+            back = _inverse(order)
+            return Samples(out.responses[back], out.response_mask[back], None if out.scores is None else
+                           RolloutScores(*(getattr(out.scores, f)[back] for f in RolloutScores.FIELDS)))
+        k = settings.batch_rows
+        if not k or len(prompts) <= k:
+            return self.sampler.sample(self.model, prompts, policies, settings, seed)
+        parts = [self.sampler.sample(self.model, prompts[lo:lo + k], policies[lo:lo + k], settings, seed + i)
+                 for i, lo in enumerate(range(0, len(prompts), k))]
+        scores = None
+        if all(p.scores is not None for p in parts):
+            scores = RolloutScores(*(torch.cat([getattr(p.scores, f) for p in parts]) for f in RolloutScores.FIELDS))
+        return Samples(torch.cat([p.responses for p in parts]), torch.cat([p.response_mask for p in parts]), scores)
 
     # ------------------------------------------------------------ evaluate
     @torch.no_grad()
@@ -162,11 +178,15 @@ class ModelHost:
         req.rollout (ppo.rollout_logprobs) the policy's come from the decode steps instead.
         """
         n = len(req.policies)
+        order = _by_policy(req.policies)
+        if order is not None:  # each policy's rows side by side (as in sample)
+            ev = self.evaluate(req.take(order))
+            back = _inverse(order)
+            return Evaluation(*(getattr(ev, f)[back] for f in Evaluation.FIELDS))
         if req.chunk and n > req.chunk:  # in chunks of rows: the pass's peak memory is a chunk's
             parts = [self.evaluate(replace(req.rows(slice(lo, lo + req.chunk)), chunk=None))
                      for lo in range(0, n, req.chunk)]
-            return Evaluation(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                                ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR")))
+            return Evaluation(*(torch.cat([getattr(p, f) for p in parts]) for f in Evaluation.FIELDS))
         dev = self.model.device
         ev = self.model.evaluate(req.input_ids.to(dev), req.attention_mask.to(dev), req.policies, req.rewards,
                                  req.response_start, rollout=req.rollout, reference=req.reference)
@@ -436,6 +456,21 @@ _PPO_STATS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac",
               "val/ratio")
 _CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high",
                       "val/ratio")
+
+
+def _by_policy(policies: list[str]) -> list[int] | None:
+    """A stable order of the rows that puts each policy's rows side by side (first-seen policy first);
+    None when they already are (a mixed-adapter pass then computes one LoRA product per policy and layer,
+    not one per run of rows)."""
+    first = {p: i for i, p in reversed(list(enumerate(policies)))}
+    order = sorted(range(len(policies)), key=lambda i: first[policies[i]])
+    return None if order == list(range(len(policies))) else order
+
+
+def _inverse(order: list[int]) -> torch.Tensor:
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return back
 
 
 def _stat_keys(loss: LossSettings) -> list[str]:

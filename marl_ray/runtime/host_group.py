@@ -157,7 +157,7 @@ class HostGroup:
         shards = split(len(req.policies), len(self.hosts))
         outs = get([h.evaluate.remote(req.rows(slice(r.start, r.stop))) for h, r in zip(self.hosts, shards)])
         return Evaluation(*(torch.cat([getattr(o, f) for o in outs]) for f in
-                            ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR")))
+                            Evaluation.FIELDS))
 
     # ------------------------------------------------------------ training
     def submit(self, policy: str, shards: list[Minibatch], total_tokens: float, loss: LossSettings,

@@ -56,6 +56,15 @@ class EvalRequest:
         return EvalRequest(self.input_ids[sl], self.attention_mask[sl], self.policies[sl], self.rewards[sl],
                            self.response_start, roll, ref, self.chunk)
 
+    def take(self, order: list[int]) -> "EvalRequest":
+        """Rows order[0], order[1], ... (a permutation or a selection)."""
+        idx = torch.tensor(order, dtype=torch.long)
+        roll = None if self.rollout is None else RolloutScores(
+            *(getattr(self.rollout, f)[idx] for f in RolloutScores.FIELDS))
+        ref = None if self.reference is None else [self.reference[i] for i in order]
+        return EvalRequest(self.input_ids[idx], self.attention_mask[idx], [self.policies[i] for i in order],
+                           [self.rewards[i] for i in order], self.response_start, roll, ref, self.chunk)
+
 
 @dataclass(frozen=True)
 class LossSettings:

@@ -134,7 +134,7 @@ class Learner:
         rollout = None
         if all(s.scores is not None for s in samples):  # the decode steps' logprobs/values: no policy pass
             rollout = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples])
-                                      for f in ("logprobs_BR", "values_BR", "entropy_BR")))
+                                      for f in RolloutScores.FIELDS))
         policies = [p for part in parts for p in part.policies]
         groups: dict[tuple, int] = {}  # (worker, prompt position in its share, policy) -> group id
         group_ids = []

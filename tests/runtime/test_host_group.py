@@ -152,3 +152,30 @@ def test_a_split_critic_free_update_is_the_single_host_update(tmp_path_factory, 
     for k, w in weights[0].items():
         torch.testing.assert_close(weights[1][k], w, rtol=1e-5, atol=1e-6)
         assert not torch.equal(w, moved.weights[k]) or "lora_A" in k
+
+
+def test_sampling_groups_rows_by_policy_and_decodes_batch_rows_at_a_time(setup):
+    """A host decodes each policy's rows side by side and returns them in the caller's order: rows
+    interleaved by policy get what the same rows grouped by policy get, row for row. With
+    generation.batch_rows = k the rows are decoded k at a time, chunk c under seed + c: the same as k-row
+    calls of their own; the decode steps' scores stay those of the returned tokens."""
+    host = setup["one"].hosts[0]._obj
+    learner = setup["learner"]
+    settings = dataclasses.replace(learner.sampling, scored=True)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 2
+    mixed = ["up", "down"] * 3  # interleaved: row i under mixed[i]
+    out = host.sample(prompts, mixed, settings, seed=11)
+    order = [0, 2, 4, 1, 3, 5]  # the same rows, grouped (first-seen policy first)
+    grouped = host.sample([prompts[i] for i in order], [mixed[i] for i in order], settings, seed=11)
+    for pos, i in enumerate(order):
+        assert torch.equal(out.responses[i], grouped.responses[pos]), i
+        assert torch.equal(out.scores.logprobs_BR[i], grouped.scores.logprobs_BR[pos]), i
+    chunked = host.sample(prompts, mixed, dataclasses.replace(settings, batch_rows=4), seed=11)
+    first = host.sample([prompts[i] for i in order[:4]], [mixed[i] for i in order[:4]], settings, seed=11)
+    rest = host.sample([prompts[i] for i in order[4:]], [mixed[i] for i in order[4:]], settings, seed=12)
+    for pos, i in enumerate(order):
+        part, j = (first, pos) if pos < 4 else (rest, pos - 4)
+        assert torch.equal(chunked.responses[i], part.responses[j]), i
+        for f in ("logprobs_BR", "values_BR", "entropy_BR"):
+            assert torch.equal(getattr(chunked.scores, f)[i], getattr(part.scores, f)[j]), (f, i)
+    assert not torch.equal(chunked.responses, out.responses)  # another seed per chunk: other samples
