@@ -5,13 +5,16 @@
 
 On a `ray.cluster_utils.Cluster` of 3 raylets on 127.0.0.1 (token auth, a private temp dir, stopped by
 pid at the end), a `small` Llama base (H=256, 4 layers, built here, seeded) trains two policies for a
-few PPO steps with 1, 2 and 3 model hosts (one per node), LoRA on every linear layer at two ranks,
-on both paths. Reported per configuration:
+few PPO steps with 1, 2 and 3 model hosts (one per node, a rollout worker each), LoRA on every
+linear layer at two ranks, with rows kept on the hosts (`cluster.keep_rows`, the default) and sent by
+the driver, gradients summed host to host and (2-3 hosts) through the driver. Reported per configuration:
 
-- driver bytes per RL step of the update phase: the pickled size of everything the HostGroup sent
-  to the hosts (minibatch rows; the driver path also the summed gradients, put once) and received
-  from them (the driver path: each host's gradients and the checksums; collective: statistics and
-  checksums), metered in the driver process (`HostGroup.traffic`), averaged over the measured steps;
+- driver bytes per RL step: the pickled size of everything the learner received from the hosts and
+  sent to them (the samples; the scoring requests and scores; with rows kept on the hosts, the
+  advantages once and per minibatch row indices and references, else per minibatch the rows'
+  tensors; the driver path also each host's gradients and the summed gradients, put once;
+  statistics and checksums), metered in the driver process (`HostGroup.traffic`), averaged over the
+  measured steps, by kind (`by_kind_per_step`); prompts and reward texts are not metered;
 - gradient bytes per minibatch (fp32 LoRA + value head of one policy) and minibatches per step;
 - time/train_s and time/step_s (median over the measured steps).
 
@@ -165,7 +168,7 @@ def assets(workdir: Path) -> dict:
     return {"base": str(base), "reward": f"{reward}:length"}
 
 
-def config(a: dict, out: Path, hosts: int, r: int, sync: str, steps: int):
+def config(a: dict, out: Path, hosts: int, r: int, sync: str, steps: int, keep_rows: bool = True):
     from marl_ray.config import PPORunConfig, load_config
 
     lora = {"r": r, "alpha": 2 * r, "target_modules": "all-linear"}
@@ -176,18 +179,20 @@ def config(a: dict, out: Path, hosts: int, r: int, sync: str, steps: int):
                      {"name": "down", "reward": "len", "reward_weight": -1.0, "lr": 1e-4, "lora": lora}],
         "generation": {"max_new_tokens": 8},
         "ppo": {"steps": steps, "batch_size": 6, "mini_batch_size": 3, "ppo_epochs": 2},
-        "cluster": {"num_hosts": hosts, "rollout_workers": 1, "host_num_cpus": 1, "grad_sync": sync},
+        "cluster": {"num_hosts": hosts, "rollout_workers": hosts, "host_num_cpus": 1, "grad_sync": sync,
+                    "keep_rows": keep_rows},
         "run": {"out_dir": str(out), "tensorboard": False, "progress": False, "save_every": 0},
     })
 
 
-def measure(a: dict, workdir: Path, hosts: int, r: int, sync: str, steps: int, warmup: int = 1) -> dict:
+def measure(a: dict, workdir: Path, hosts: int, r: int, sync: str, steps: int, warmup: int = 1,
+            keep_rows: bool = True) -> dict:
     from marl_ray.runtime.handles import get
     from marl_ray.runtime.host_group import Traffic
     from marl_ray.runtime.placement import shutdown_actors, start_actors
     from marl_ray.train.loop import Learner
 
-    cfg = config(a, workdir / f"out-{hosts}-{r}-{sync}", hosts, r, sync, warmup + steps)
+    cfg = config(a, workdir / f"out-{hosts}-{r}-{sync}-{keep_rows}", hosts, r, sync, warmup + steps, keep_rows)
     actors = start_actors(cfg, seed=0)
     try:
         learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host, host_nodes=actors.host_nodes)
@@ -204,7 +209,8 @@ def measure(a: dict, workdir: Path, hosts: int, r: int, sync: str, steps: int, w
         g = cfg.ppo
         mb = g.ppo_epochs * (g.batch_size // g.mini_batch_size) * len(cfg.policies)
         return {"hosts": hosts, "lora_r": r, "grad_sync": sync if hosts > 1 else "one host (nothing to sum)",
-                "collective": learner.hosts.collective, "grad_bytes_per_minibatch": grad_bytes,
+                "collective": learner.hosts.collective, "rows": "kept on the hosts" if keep_rows else "sent by the driver",
+                "grad_bytes_per_minibatch": grad_bytes,
                 "minibatches_per_step": mb,
                 "driver_bytes_per_step": traffic.total // steps,
                 "driver_sent_per_step": traffic.sent // steps, "driver_received_per_step": traffic.received // steps,
@@ -239,8 +245,9 @@ def main(argv=None) -> int:
         with loopback_cluster(max(host_counts + [2])):
             for r in ranks:
                 for n in host_counts:
-                    for sync in (("collective", "driver") if n > 1 else ("collective",)):
-                        rows.append(measure(a, workdir, n, r, sync, args.steps))
+                    paths = [("collective", True), ("collective", False)] + ([("driver", True)] if n > 1 else [])
+                    for sync, keep in paths:
+                        rows.append(measure(a, workdir, n, r, sync, args.steps, keep_rows=keep))
                         print(json.dumps(rows[-1]), file=sys.stderr)
             for i in range(args.pairs):
                 order = ("collective", "driver") if i % 2 == 0 else ("driver", "collective")

@@ -21,8 +21,8 @@ import torch
 from marl_ray.model import tweaks
 from marl_ray.model.adapter_io import ADAPTER_WEIGHTS, VALUE_HEAD_FILE
 from marl_ray.runtime.protocol import (
-    EvalRequest, Evaluation, Gradients, LossSettings, Minibatch, PolicyState, RolloutScores, Samples, SamplingSettings,
-    TrainResult,
+    EvalRequest, Evaluation, Gradients, KeptRows, KeptScoring, LossSettings, Minibatch, PolicyState, RolloutScores,
+    Samples, SamplingSettings, TrainResult,
 )
 from marl_ray.train import ppo
 
@@ -64,6 +64,8 @@ class ModelHost:
 
         self.host_index = host_index
         self.group = None  # collective.Group: this host's member of the hosts' process group, once formed
+        self.kept: dict[str, dict] = {}  # learner token -> {"kept": rollout id, worker: (prompts, policies, Samples)}
+        self.tables: dict[str, Minibatch] = {}  # learner token -> its scored rows of the last step scored here
         self._rendezvous = None  # host 0: the store server of the group being formed
         # low_memory: this process owns its memory (see model/tweaks.py)
         self.model = MultiAdapterModel.from_pretrained(
@@ -146,15 +148,30 @@ class ModelHost:
 
     # ------------------------------------------------------------ sample
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], policies: list[str], settings: SamplingSettings, seed: int) -> Samples:
+    def sample(self, prompts: list[list[int]], policies: list[str], settings: SamplingSettings, seed: int,
+               keep: tuple[str, int, int] | None = None) -> Samples:
         """Responses of `prompts[i]` under `policies[i]`, exactly R = max_new_tokens positions each;
         positions after the first EOS (possible only with stop_at_eos and min_new_tokens < R) are
         padding (mask 0). With settings.scored, also the policy's logprobs, values and entropies of the
         sampled tokens where the sampler gives them (the lean decode loop). With settings.batch_rows,
-        at most that many rows are decoded at once, chunk k under seed + k."""
+        at most that many rows are decoded at once, chunk k under seed + k.
+
+        keep = (learner token, rollout id, rollout worker): this host also keeps the rows, to score and
+        train on them where they are (`score_kept`, `KeptRows`); a learner's parts of an older rollout are
+        dropped."""
+        out = self._sample(prompts, policies, settings, seed)
+        if keep is not None:
+            token, kept, worker = keep
+            parts = self.kept.get(token)
+            if parts is None or parts["kept"] != kept:
+                parts = self.kept[token] = {"kept": kept}
+            parts[worker] = (list(prompts), list(policies), out)
+        return out
+
+    def _sample(self, prompts, policies, settings: SamplingSettings, seed: int) -> Samples:
         order = _by_policy(policies)
         if order is not None:  # each policy's rows side by side: one LoRA product per policy and layer
-            out = self.sample([prompts[i] for i in order], [policies[i] for i in order], settings, seed)
+            out = self._sample([prompts[i] for i in order], [policies[i] for i in order], settings, seed)
             back = _inverse(order)
             return Samples(out.responses[back], out.response_mask[back], None if out.scores is None else
                            RolloutScores(*(getattr(out.scores, f)[back] for f in RolloutScores.FIELDS)))
@@ -167,6 +184,73 @@ class ModelHost:
         if all(p.scores is not None for p in parts):
             scores = RolloutScores(*(torch.cat([getattr(p.scores, f) for p in parts]) for f in RolloutScores.FIELDS))
         return Samples(torch.cat([p.responses for p in parts]), torch.cat([p.response_mask for p in parts]), scores)
+
+    # ------------------------------------------------------------ rows kept here
+    @torch.no_grad()
+    def score_kept(self, req: KeptScoring) -> Evaluation:
+        """`evaluate` of the rows this host sampled and kept (req.workers' parts of rollout req.kept, in
+        that order: prompts left-padded to their longest), which it then keeps with their scores as the
+        learner's table for the step's updates. Only the scores go back; the rows stay here."""
+        from marl_ray.model.sampling import pad_left
+
+        parts = self.kept.get(req.token)
+        missing = [w for w in req.workers if parts is None or parts["kept"] != req.kept or w not in parts]
+        if missing:
+            raise RowsLost(f"host {self.host_index} keeps no rows of rollout {req.kept} from rollout workers "
+                           f"{missing} (was it restarted, or did a later rollout replace them?)")
+        got = [parts[w] for w in req.workers]
+        prompts = [p for g in got for p in g[0]]
+        policies = [p for g in got for p in g[1]]
+        samples = [g[2] for g in got]
+        ids, mask = pad_left(prompts, 0)
+        resp = torch.cat([s.responses for s in samples])
+        rmask = torch.cat([s.response_mask for s in samples])
+        roll = None
+        if req.rollout:
+            roll = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples]) for f in RolloutScores.FIELDS))
+        ev = self.evaluate(EvalRequest(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), policies, req.rewards,
+                                       ids.shape[1], roll, req.reference, req.chunk))
+        zeros = torch.zeros(rmask.shape)
+        self.tables[req.token] = Minibatch(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1], rmask,
+                                           ev.logprobs_BR, ev.values_BR, zeros, zeros, ev.ref_logprobs_BR)
+        return ev
+
+    def keep_advantages(self, token: str, advantages_BR: torch.Tensor, returns_BR: torch.Tensor,
+                        mask_BR: torch.Tensor):
+        """The step's advantages, returns and update masks of the rows this host keeps (in their order)."""
+        t = self._table(token)
+        if advantages_BR.shape != t.mask.shape:
+            raise ValueError(f"advantages {tuple(advantages_BR.shape)} for {tuple(t.mask.shape)} kept rows")
+        t.advantages, t.returns, t.mask = advantages_BR, returns_BR, mask_BR
+
+    def kept_rows(self, token: str, idx: list[int]) -> Minibatch:
+        """Rows idx of the rows this host keeps for learner `token`, as a Minibatch."""
+        return self._table(token).take(idx)
+
+    def lend_rows(self, token: str, idx: list[int]) -> list:
+        """`kept_rows` for another host, put in the object store by this host: the list holds a
+        reference owned here, so the rows go from this host to the one that reads them (not through
+        the caller, which gets the reference alone)."""
+        import ray
+
+        return [ray.put(self.kept_rows(token, idx))]
+
+    def _table(self, token: str) -> Minibatch:
+        if token not in self.tables:
+            raise RowsLost(f"host {self.host_index} keeps no scored rows for this learner (was it restarted?): "
+                           "the step must be redone")
+        return self.tables[token]
+
+    def _rows(self, mb: "Minibatch | KeptRows | None") -> "Minibatch | None":
+        """A minibatch shard as tensors: given, or assembled from kept rows and rows lent by other hosts."""
+        if not isinstance(mb, KeptRows):
+            return mb
+        from marl_ray.runtime.handles import get
+
+        pieces = [self.kept_rows(mb.token, mb.own)] if mb.own else []
+        for b in (get(list(mb.borrowed)) if mb.borrowed else []):
+            pieces.append(get(b[0]) if isinstance(b, list) else b)  # lend_rows' reference, or the rows
+        return Minibatch.cat(pieces) if pieces else None
 
     # ------------------------------------------------------------ evaluate
     @torch.no_grad()
@@ -194,7 +278,7 @@ class ModelHost:
                                                 ev.entropy_BR)))
 
     # ------------------------------------------------------------ train
-    def forward_backward(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
+    def forward_backward(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float, loss: LossSettings) -> Gradients:
         """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
 
         The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
@@ -202,7 +286,7 @@ class ModelHost:
         loss.micro_batch_size the shard runs in chunks of that many rows, each scaled the
         same way, and their gradients and stats are summed here.
         """
-        g = self._gradients(policy, mb, total_tokens, loss)
+        g = self._gradients(policy, self._rows(mb), total_tokens, loss)
         return Gradients({k: v.cpu() for k, v in g.grads.items()}, g.stats)
 
     def _gradients(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
@@ -270,12 +354,12 @@ class ModelHost:
             stats["policy/kl_k3"] = float(st["kl_sum"]) / total_tokens
         return grads, stats
 
-    def train_minibatch(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings,
+    def train_minibatch(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float, loss: LossSettings,
                         max_grad_norm: float | None) -> TrainResult:
         """forward_backward + optim_step in one call, for a group of this one host: the gradients
         never leave the host. Nothing is applied (weights and optimizer state untouched) when a
         gradient or a stat is not finite."""
-        g = self._gradients(policy, mb, total_tokens, loss)
+        g = self._gradients(policy, self._rows(mb), total_tokens, loss)
         finite = all(bool(torch.isfinite(t).all()) for t in g.grads.values()) and all(
             math.isfinite(v) for v in g.stats.values())
         if finite:
@@ -314,7 +398,7 @@ class ModelHost:
         """(this process's id, the generation of its group; 0: none)."""
         return os.getpid(), 0 if self.group is None else self.group.generation
 
-    def train_collective(self, policy: str, mb: Minibatch | None, total_tokens: float, loss: LossSettings,
+    def train_collective(self, policy: str, mb: Minibatch | KeptRows | None, total_tokens: float, loss: LossSettings,
                          max_grad_norm: float | None, generation: int, comm_dtype: str = "fp32",
                          bucket_bytes: int = 25 << 20) -> TrainResult:
         """One minibatch update of `policy` summed among the hosts: this host's shard's gradients (zeros
@@ -326,6 +410,7 @@ class ModelHost:
             raise RuntimeError(f"host {self.host_index} is not in the hosts' group generation {generation} "
                                f"(it has {None if self.group is None else self.group.generation}): form it again")
         keys = _stat_keys(loss)
+        mb = self._rows(mb)
         if mb is not None and len(mb):
             g = self._gradients(policy, mb, total_tokens, loss)
             grads, stats = g.grads, g.stats
@@ -456,6 +541,10 @@ _PPO_STATS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac",
               "val/ratio")
 _CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high",
                       "val/ratio")
+
+
+class RowsLost(RuntimeError):
+    """A host was asked for rows it does not keep (it was restarted since it sampled them)."""
 
 
 def _by_policy(policies: list[str]) -> list[int] | None:

@@ -7,10 +7,15 @@ policy; after every update the replicas must agree bit for bit (checked by check
 Gradients are summed one of two ways (`cluster.grad_sync`):
 - collective (default for more than one Ray host): the hosts form a torch.distributed process
   group among themselves (`runtime/collective.py`) and allreduce their gradients host to host; the
-  driver sends each host its rows of the minibatch and receives the summed statistics and each
-  host's checksum, whatever the adapter's size and the number of hosts.
+  driver sends each host which rows of the minibatch it takes and receives the summed statistics and
+  each host's checksum, whatever the adapter's size and the number of hosts.
 - driver: each host returns its gradients, the driver sums them and every host fetches the sum from
   the object store (in-process groups, and the fallback).
+
+Rows (`cluster.keep_rows`, default on): each host keeps the rows it sampled, scores them
+(`score_kept`) and, once the learner has their advantages (`keep_advantages`), trains on them: a
+minibatch shard is a `KeptRows` (row indices), and rows past their holder's share are lent to a host
+short of its share (`assign`), host to host. Off: the driver sends each host its rows' tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from marl_ray.runtime.handles import get, put
-from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, PolicyState, TrainResult
+from marl_ray.runtime.protocol import (EvalRequest, Evaluation, KeptRows, LossSettings, Minibatch, PolicyState,
+                                      TrainResult)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class GradSync:
 
 @dataclass
 class Traffic:
-    """Bytes the driver sent to and received from the hosts for updates (pickled sizes), when metered."""
+    """Bytes the driver sent to and received from the hosts in a step (pickled sizes, by kind), when metered:
+    samples, scoring, advantages, minibatch rows, gradients, results."""
 
     sent: int = 0
     received: int = 0
@@ -89,7 +96,7 @@ class HostGroup:
         self.sync = sync or GradSync()
         self.generation = 0  # of the hosts' process group; 0: none formed yet
         self.members: list[tuple] | None = None  # (pid, generation) of each host once the current group formed
-        self.traffic: Traffic | None = None  # set a Traffic() to meter the driver's update bytes
+        self.traffic: Traffic | None = None  # set a Traffic() to meter the driver's bytes
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -155,9 +162,72 @@ class HostGroup:
     def evaluate(self, req: EvalRequest) -> Evaluation:
         """Split the rows over the hosts; each runs one mixed-adapter pass; concatenated in row order."""
         shards = split(len(req.policies), len(self.hosts))
-        outs = get([h.evaluate.remote(req.rows(slice(r.start, r.stop))) for h, r in zip(self.hosts, shards)])
+        reqs = [req.rows(slice(r.start, r.stop)) for r in shards]
+        for r in reqs:
+            self._sent("score", r)
+        outs = get([h.evaluate.remote(r) for h, r in zip(self.hosts, reqs)])
+        self._received("scores", outs)
         return Evaluation(*(torch.cat([getattr(o, f) for o in outs]) for f in
                             Evaluation.FIELDS))
+
+    def score_kept(self, requests: dict, held: dict, n: int) -> Evaluation:
+        """Each host h scores the rows it keeps (requests[h], a KeptScoring); held[h]: their rows in the
+        batch (n rows). Only the scores come back; the rows stay on their hosts."""
+        hosts = list(requests)
+        for h in hosts:
+            self._sent("score", requests[h])
+        outs = get([self.hosts[h].score_kept.remote(requests[h]) for h in hosts])
+        self._received("scores", outs)
+        full = []
+        for f in Evaluation.FIELDS:
+            first = getattr(outs[0], f)
+            t = first.new_zeros((n, *first.shape[1:]))
+            for h, o in zip(hosts, outs):
+                t[torch.tensor(held[h], dtype=torch.long)] = getattr(o, f)
+            full.append(t)
+        return Evaluation(*full)
+
+    def keep_advantages(self, token: str, adv: dict, holder: list[int], hold_index: list[int], shape):
+        """Send each host the advantages, returns and update masks of the rows it keeps (once a step):
+        adv: policy -> PolicyAdvantages (their .rows are batch rows)."""
+        a_all, r_all, m_all = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        for a in adv.values():
+            idx = torch.tensor(a.rows, dtype=torch.long)
+            a_all[idx], r_all[idx], m_all[idx] = a.advantages.float(), a.returns.float(), a.mask.float()
+        calls = []
+        for h in sorted(set(holder)):
+            rows = torch.tensor([i for i in range(len(holder)) if holder[i] == h], dtype=torch.long)
+            order = torch.tensor([hold_index[i] for i in rows.tolist()], dtype=torch.long)
+            part = [torch.empty((len(rows), shape[1])) for _ in range(3)]
+            for t, src in zip(part, (a_all, r_all, m_all)):
+                t[order] = src[rows]
+            self._sent("advantages", part)
+            calls.append(self.hosts[h].keep_advantages.remote(token, *part))
+        get(calls)
+
+    def assign(self, token: str, rows: list[int], holder: list[int], hold_index: list[int]) -> list[KeptRows]:
+        """Each host's rows of a minibatch (batch rows `rows`) by reference, in near-equal shares (`split`):
+        a host takes rows it keeps first; rows past their holder's share go to hosts short of theirs, lent
+        host to host (one `lend_rows` call per holder and taker, sent before the update that reads them)."""
+        want = [len(r) for r in split(len(rows), len(self.hosts))]
+        own: list[list[int]] = [[] for _ in want]
+        extra = []
+        for g in rows:
+            h = holder[g]
+            if h < len(want) and len(own[h]) < want[h]:
+                own[h].append(hold_index[g])
+            else:
+                extra.append(g)
+        shards = [KeptRows(token, own[h]) for h in range(len(want))]
+        takers = [t for t in range(len(want)) for _ in range(want[t] - len(own[t]))]
+        lends: dict[tuple[int, int], list[int]] = {}
+        for g, t in zip(extra, takers):
+            lends.setdefault((holder[g], t), []).append(hold_index[g])
+        for (h, t), idx in lends.items():
+            lend = self.hosts[h].kept_rows if self.local else self.hosts[h].lend_rows
+            shards[t].borrowed.append(lend.remote(token, idx))
+            shards[t].n_borrowed += len(idx)
+        return shards
 
     # ------------------------------------------------------------ training
     def submit(self, policy: str, shards: list[Minibatch], total_tokens: float, loss: LossSettings,
@@ -213,6 +283,10 @@ class HostGroup:
     def _received(self, kind: str, obj):
         if self.traffic is not None:
             self.traffic.add(kind, obj, "received")
+
+    def _sent(self, kind: str, obj):
+        if self.traffic is not None:
+            self.traffic.add(kind, obj, "sent")
 
     # ------------------------------------------------------------ state
     def checksums(self, policy: str) -> list[str]:

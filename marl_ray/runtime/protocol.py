@@ -17,8 +17,8 @@ import torch
 from marl_ray.model.passes import Evaluation, RolloutScores
 from marl_ray.model.sampling import Samples, SamplingSettings
 
-__all__ = ["Evaluation", "RolloutScores", "Samples", "SamplingSettings", "RolloutPart", "EvalRequest",
-           "Minibatch", "LossSettings", "Gradients", "TrainResult", "PolicyState"]
+__all__ = ["Evaluation", "RolloutScores", "Samples", "SamplingSettings", "RolloutPart", "EvalRequest", "KeptScoring",
+           "Minibatch", "KeptRows", "LossSettings", "Gradients", "TrainResult", "PolicyState"]
 
 
 @dataclass
@@ -101,10 +101,65 @@ class Minibatch:
         return self.input_ids.shape[0]
 
     def chunk(self, lo: int, hi: int) -> "Minibatch":
-        ref = None if self.ref_logprobs is None else self.ref_logprobs[lo:hi]
-        return Minibatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.response_start,
-                         self.mask[lo:hi], self.old_logprobs[lo:hi], self.old_values[lo:hi],
-                         self.advantages[lo:hi], self.returns[lo:hi], ref)
+        return self.take(slice(lo, hi))
+
+    def take(self, idx) -> "Minibatch":
+        """Rows idx (a slice, or a list / tensor of row indices)."""
+        if isinstance(idx, list):
+            idx = torch.tensor(idx, dtype=torch.long)
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[idx]
+        return Minibatch(self.input_ids[idx], self.attention_mask[idx], self.response_start,
+                         self.mask[idx], self.old_logprobs[idx], self.old_values[idx],
+                         self.advantages[idx], self.returns[idx], ref)
+
+    @staticmethod
+    def cat(parts: list["Minibatch"]) -> "Minibatch":
+        """The rows of `parts` in order; prompts left-padded (token 0, mask 0) to the longest part's, so
+        parts scored on different hosts (each padded to its own longest prompt) line up."""
+        parts = [p for p in parts if len(p)]
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.response_start for p in parts)
+
+        def pad(t: torch.Tensor, p: Minibatch) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (P - p.response_start, 0))
+
+        refs = [p.ref_logprobs for p in parts]
+        return Minibatch(torch.cat([pad(p.input_ids, p) for p in parts]),
+                         torch.cat([pad(p.attention_mask, p) for p in parts]), P,
+                         *(torch.cat([getattr(p, f) for p in parts])
+                           for f in ("mask", "old_logprobs", "old_values", "advantages", "returns")),
+                         None if any(r is None for r in refs) else torch.cat(refs))
+
+
+@dataclass
+class KeptScoring:
+    """Score the rows a host sampled itself and keeps (`sample(..., keep=)`): its parts of rollout `kept` of
+    learner `token`, from the rollout workers `workers` in that order; per row of those parts, in order,
+    its reward adapter and whether it needs a reference row. The host keeps the rows with their scores
+    for the step's updates (`KeptRows`)."""
+
+    token: str
+    kept: int  # the learner's rollout id
+    workers: list[int]
+    rewards: list[str | None]
+    reference: list[bool] | None = None
+    rollout: bool = False  # take the decode steps' scores (ppo.rollout_logprobs) instead of a policy pass
+    chunk: int | None = None
+
+
+@dataclass
+class KeptRows:
+    """One host's rows of a minibatch by reference: indices into the rows it keeps for learner `token`,
+    and rows other hosts keep, lent to it (their `lend_rows` results, fetched host to host)."""
+
+    token: str
+    own: list[int]
+    borrowed: list[Any] = field(default_factory=list)
+    n_borrowed: int = 0  # rows in `borrowed`
+
+    def __len__(self) -> int:
+        return len(self.own) + self.n_borrowed
 
 
 @dataclass

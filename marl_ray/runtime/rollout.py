@@ -116,18 +116,21 @@ class RolloutWorker:
             out.append((pid, ids))
         return out
 
-    def rollout(self, host, n: int, policies: list[str], settings, seed: int) -> RolloutPart:
+    def rollout(self, host, n: int, policies: list[str], settings, seed: int,
+                keep: tuple[str, int] | None = None) -> RolloutPart:
         """Take n prompts and have `host` answer each under every policy in `policies` (N = n * len(policies)
         rows; a policy named G times answers each prompt G times: a group).
 
         The samples are returned as the host's result (a reference to it on Ray): they go from the
-        host to whoever reads them, not through this worker."""
+        host to whoever reads them, not through this worker. keep = (learner token, rollout id): the
+        host also keeps the rows, under this worker's index, to score and train on them there."""
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
         if self.stop_token_ids:
             settings = replace(settings, stop_token_ids=tuple(dict.fromkeys(
                 (*settings.stop_token_ids, *self.stop_token_ids))))
-        ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed)
+        ref = host.sample.remote([r[1] for r in rows], [r[2] for r in rows], settings, seed,
+                                 None if keep is None else (*keep, self.worker_index))
         texts = [self._text(self.texts[pid]) for pid, _, _ in rows]
         return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref],
                            texts, [self.columns[pid] for pid, _, _ in rows])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from marl_ray import console
 from marl_ray.model.sampling import SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
-from marl_ray.runtime.protocol import EvalRequest, Evaluation, LossSettings, Minibatch, RolloutScores
+from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
 from marl_ray.train import advantages as adv_math
 from marl_ray.train import ppo, resilience
 from marl_ray.train import rewards as reward_fns
@@ -53,6 +54,12 @@ class Batch:
     group_ids: list[int] = field(default_factory=list)  # (N,) rows of one prompt under one policy share one
     texts: list = field(default_factory=list)  # (N,) each row's prompt text (None: given as token ids)
     columns: list[dict] = field(default_factory=list)  # (N,) each row's prompt fields (for reward functions)
+    # Rows kept where they were sampled (Learner.rollout): (the learner's token, the rollout's id), the host
+    # that keeps each row and its index there, and per host the rollout workers whose parts it keeps, in order.
+    kept: tuple[str, int] | None = None
+    holder: list[int] = field(default_factory=list)  # (N,)
+    hold_index: list[int] = field(default_factory=list)  # (N,)
+    kept_workers: dict[int, list[int]] = field(default_factory=dict)
 
     def rows(self, policy: str) -> list[int]:
         return [i for i, p in enumerate(self.policies) if p == policy]
@@ -93,6 +100,8 @@ class Learner:
                      else ppo.FixedKLController(p.init_kl_coef))
             for p in cfg.policies}
         self.step = 0
+        self.token = uuid.uuid4().hex[:12]  # names this learner's rows on the hosts
+        self.rollouts = 0  # rollouts so far: each batch's rows are kept on the hosts under a new id
         self.bad_steps = {p: 0 for p in self.policies}  # consecutive steps with a skipped update
         self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
         self.recoveries = 0  # steps redone after an actor was lost
@@ -118,10 +127,15 @@ class Learner:
         """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
         shares = [len(r) for r in split(self.cfg.ppo.batch_size, len(self.workers))]
         seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
+        self.rollouts += 1
+        # cluster.keep_rows: the hosts keep the rows they sample, to score and train on them
+        keep = (self.token, self.rollouts) if self.cfg.cluster.keep_rows else None
         parts = get([self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.rollout_policies,
-                                                    self.sampling, seed + w * 7919)
+                                                    self.sampling, seed + w * 7919, keep)
                      for w, k in enumerate(shares)])  # in worker order: deterministic for a seed
         samples = [get(ref) for part in parts for ref in part.samples]  # from the hosts, not via the workers
+        if self.hosts.traffic is not None:
+            self.hosts.traffic.add("samples", samples, "received")
         prompts = [p for part in parts for p in part.prompts]
         P = max(len(p) for p in prompts)
         prompt_ids = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -141,11 +155,21 @@ class Learner:
         for part in parts:
             for i, pol in enumerate(part.policies):
                 group_ids.append(groups.setdefault((part.worker, i // len(self.rollout_policies), pol), len(groups)))
+        kept_workers: dict[int, list[int]] = {}  # host -> the workers whose parts it keeps, in worker order
+        holder, hold_index, held = [], [], {}
+        for part in parts:
+            h = self.worker_host[part.worker]
+            kept_workers.setdefault(h, []).append(part.worker)
+            holder += [h] * len(part.policies)
+            hold_index += range(held.get(h, 0), held.get(h, 0) + len(part.policies))
+            held[h] = held.get(h, 0) + len(part.policies)
         return Batch(
             input_ids=torch.cat([prompt_ids, resp], 1), attention_mask=torch.cat([prompt_mask, rmask], 1),
             response_mask=rmask, response_start=P, policies=policies,
             prompt_ids=[i for part in parts for i in part.prompt_ids], rollout=rollout, group_ids=group_ids,
-            texts=[t for part in parts for t in part.texts], columns=[c for part in parts for c in part.columns])
+            texts=[t for part in parts for t in part.texts], columns=[c for part in parts for c in part.columns],
+            kept=keep, holder=holder, hold_index=hold_index,
+            kept_workers=kept_workers)
 
     def evaluate(self, batch: Batch) -> Evaluation:
         """Policy logprobs + values, reference logprobs and reward-adapter scores of every row, the rows
@@ -154,6 +178,12 @@ class Learner:
         reward row for a policy scored by functions alone."""
         rewards = [self.adapter[p] for p in batch.policies]
         reference = [self.spec[p].uses_reference for p in batch.policies]
+        if batch.kept is not None:  # each host scores the rows it sampled and keeps them, scores included
+            held = {h: [i for i in range(len(batch.policies)) if batch.holder[i] == h] for h in batch.kept_workers}
+            return self.hosts.score_kept({h: KeptScoring(
+                *batch.kept, batch.kept_workers[h], [rewards[i] for i in rows],
+                None if all(reference) else [reference[i] for i in rows], batch.rollout is not None,
+                self.cfg.ppo.micro_batch_size) for h, rows in held.items()}, held, len(batch.policies))
         return self.hosts.evaluate(EvalRequest(batch.input_ids, batch.attention_mask, batch.policies, rewards,
                                                batch.response_start, batch.rollout,
                                                None if all(reference) else reference,
@@ -234,6 +264,8 @@ class Learner:
             if not adv[p].finite:
                 skipped[p] += 1
                 log.warning("step %d, policy %r: non-finite reward/advantage; its update is skipped", self.step, p)
+        if batch.kept is not None:  # the hosts keep the rows: send each its rows' advantages, once
+            self.hosts.keep_advantages(batch.kept[0], adv, batch.holder, batch.hold_index, batch.response_mask.shape)
         for _ in range(g.ppo_epochs):
             perms = {p: torch.randperm(len(adv[p].rows), generator=gen).tolist() for p in self.policies}
             for start in range(0, g.batch_size, g.mini_batch_size):
@@ -248,8 +280,12 @@ class Learner:
                         continue
                     total = float(mask.sum().clamp(min=1))
                     loss = replace(self.loss[p], n_seqs=int((mask.sum(1) > 0).sum()))
-                    shards = [self.minibatch(batch, ev, adv[p], [local[i] for i in s])
-                              for s in split(len(local), len(self.hosts))]
+                    if batch.kept is not None:  # rows by reference: each host takes the ones it keeps first
+                        shards = self.hosts.assign(batch.kept[0], [adv[p].rows[i] for i in local], batch.holder,
+                                                   batch.hold_index)
+                    else:
+                        shards = [self.minibatch(batch, ev, adv[p], [local[i] for i in s])
+                                  for s in split(len(local), len(self.hosts))]
                     pending[p] = self.hosts.submit(p, shards, total, loss, g.max_grad_norm)
                 for p, handle in pending.items():
                     result = self.hosts.finish(p, handle, g.max_grad_norm, f"step {self.step}")

@@ -179,3 +179,84 @@ def test_sampling_groups_rows_by_policy_and_decodes_batch_rows_at_a_time(setup):
         for f in ("logprobs_BR", "values_BR", "entropy_BR"):
             assert torch.equal(getattr(chunked.scores, f)[i], getattr(part.scores, f)[j]), (f, i)
     assert not torch.equal(chunked.responses, out.responses)  # another seed per chunk: other samples
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    """A learner over two in-process hosts, each with its own rollout worker: each host keeps the rows it
+    sampled (Batch.kept)."""
+    from marl_ray.runtime.host import ModelHost
+    from marl_ray.runtime.placement import start_inprocess
+    from marl_ray.train.loop import Learner
+
+    assets = ru.build_assets(tmp_path_factory.mktemp("kept_assets"))
+    cfg = ru.load(ru.run_config(assets, tmp_path_factory.mktemp("kept_out"), generation={"max_new_tokens": 5},
+                                cluster={"rollout_workers": 2}))
+    actors = start_inprocess(cfg, seed=0)
+    second = LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0, host_index=1))
+    learner = Learner(cfg, [actors.hosts[0], second], actors.workers, [0, 1])
+    return {"learner": learner, "batch": learner.rollout()}
+
+
+def test_kept_rows_are_scored_where_they_were_sampled(kept):
+    """Each host scores the rows it sampled (its own prompt padding): the same scores as the rows sent
+    from the driver; the batch says which host keeps which row."""
+    learner, batch = kept["learner"], kept["batch"]
+    assert batch.kept is not None and sorted(set(batch.holder)) == [0, 1]
+    assert batch.kept_workers == {0: [0], 1: [1]}
+    for h in (0, 1):
+        assert [batch.hold_index[i] for i in range(len(batch.holder)) if batch.holder[i] == h] == list(
+            range(batch.holder.count(h)))
+    ev = learner.evaluate(batch)
+    sent = learner.evaluate(dataclasses.replace(batch, kept=None))
+    for f in ev.FIELDS:
+        torch.testing.assert_close(getattr(ev, f), getattr(sent, f), atol=1e-5, rtol=1e-5, msg=lambda m: f"{f}: {m}")
+
+
+def test_an_update_from_kept_and_lent_rows_is_the_update_from_sent_rows(kept):
+    """A minibatch by reference (KeptRows): rows a host keeps, and rows of the other host lent to it when
+    its share is larger than what it keeps. The update (statistics and weights) is the one from the
+    same rows sent as tensors."""
+    from marl_ray.runtime.protocol import KeptRows
+
+    learner, batch = kept["learner"], kept["batch"]
+    group = learner.hosts
+    ev = learner.evaluate(batch)
+    adv = learner.advantages(batch, ev)
+    group.keep_advantages(learner.token, adv, batch.holder, batch.hold_index, batch.response_mask.shape)
+    policy = "up"
+    a = adv[policy]
+    held0 = [j for j, i in enumerate(a.rows) if batch.holder[i] == 0]  # every row of the minibatch on host 0
+    shards = group.assign(learner.token, [a.rows[j] for j in held0], batch.holder, batch.hold_index)
+    assert all(isinstance(s, KeptRows) for s in shards) and len(shards) == 2
+    assert len(shards[0]) == len(shards[1]) == len(held0) // 2
+    assert shards[0].n_borrowed == 0 and shards[1].n_borrowed == len(held0) // 2 and not shards[1].own
+    start = group.hosts[0]._obj.get_state(policy)
+    mask = a.mask[held0]
+    loss = dataclasses.replace(learner.loss[policy], n_seqs=int((mask.sum(1) > 0).sum()))
+    by_ref = group.finish(policy, group.submit(policy, shards, float(mask.sum()), loss, 1.0), 1.0)
+    w_ref = group.hosts[0]._obj.get_state(policy).weights
+    group.set_state(policy, start)
+    sent = [learner.minibatch(batch, ev, a, [held0[i] for i in s]) for s in split(len(held0), 2)]
+    by_value = group.finish(policy, group.submit(policy, sent, float(mask.sum()), loss, 1.0), 1.0)
+    w_val = group.hosts[0]._obj.get_state(policy).weights
+    group.set_state(policy, start)
+    assert by_ref.applied and by_value.applied
+    for k in by_value.stats:
+        assert by_ref.stats[k] == pytest.approx(by_value.stats[k], rel=1e-5, abs=1e-7), k
+    for k in w_val:
+        torch.testing.assert_close(w_ref[k], w_val[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert len(set(group.checksums(policy))) == 1
+
+
+def test_rows_a_host_no_longer_keeps_are_refused_by_name(kept):
+    """A later rollout replaces the rows a host keeps: scoring the older batch is refused (RowsLost),
+    never answered from the newer rows."""
+    from marl_ray.runtime.host import RowsLost
+
+    learner = kept["learner"]
+    old = learner.rollout()
+    learner.rollout()
+    with pytest.raises(RowsLost, match="keeps no rows of rollout"):
+        learner.evaluate(old)
+    kept["batch"] = learner.rollout()

@@ -409,6 +409,71 @@ def test_a_collective_without_its_peer_times_out(run):
     assert learner.hosts.generation not in (old, g.generation)
 
 
+def test_rows_stay_on_their_hosts_and_the_driver_sends_references(run):
+    """Each host keeps the rows its rollout worker sampled, scores them there and trains on them: per
+    minibatch the driver sends each host row indices and references (KeptRows), no row tensors; the
+    step's updates equal those from the rows sent as tensors. A host whose share is more than it keeps
+    gets rows lent by the other host: a reference owned by the lender, fetched host to host (the driver
+    never fetches it); the update is the one from the same rows sent as tensors."""
+    import ray
+
+    from marl_ray.runtime.host_group import Traffic, split
+    from marl_ray.runtime.protocol import KeptRows
+
+    learner, hosts = run["learner"], run["hosts"]
+    group = learner.hosts
+    start = {p: ray.get(hosts[0].get_state.remote(p)) for p in learner.policies}
+    batch = learner.rollout()
+    assert batch.kept is not None and sorted(set(batch.holder)) == [0, 1]
+    group.traffic = Traffic()
+    ev = learner.evaluate(batch)
+    adv = learner.advantages(batch, ev)
+    stats_ref = learner.train(batch, ev, adv)
+    by_ref, weights_ref = group.traffic, {p: ray.get(hosts[0].get_state.remote(p)).weights for p in learner.policies}
+    for p in learner.policies:
+        group.set_state(p, start[p])
+    group.traffic = Traffic()
+    stats_val = learner.train(dataclasses.replace(batch, kept=None), ev, adv)
+    by_val, weights_val = group.traffic, {p: ray.get(hosts[0].get_state.remote(p)).weights for p in learner.policies}
+    for p in learner.policies:
+        for k, w in weights_val[p].items():
+            torch.testing.assert_close(weights_ref[p][k], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{p} {k}: {m}")
+        for k, v in stats_val[p].items():
+            # a clip fraction counts tokens past the clip bound; at the first update the new values equal the
+            # old ones, and rounding decides a tie: one token of a minibatch either way
+            tol = 0.1 if "clipfrac" in k else 1e-7
+            assert stats_ref[p][k] == pytest.approx(v, rel=1e-5, abs=tol), (p, k)
+    sent_ref, sent_val = by_ref.by_kind["sent/rows"], by_val.by_kind["sent/rows"]
+    print(f"per step: rows sent as references {sent_ref} B, as tensors {sent_val} B; advantages sent once "
+          f"{by_ref.by_kind['sent/advantages']} B; scoring requests {by_ref.by_kind['sent/score']} B")
+    assert sent_ref * 4 < sent_val, (sent_ref, sent_val)
+    assert {k for k in by_ref.by_kind if k.startswith("received/")} == {"received/scores", "received/result"}
+
+    # a minibatch of rows host 0 keeps: host 1 takes half of them, lent by host 0
+    policy = "a"
+    group.set_state(policy, start[policy])
+    a = adv[policy]
+    local = [j for j, i in enumerate(a.rows) if batch.holder[i] == 0]
+    group.keep_advantages(learner.token, adv, batch.holder, batch.hold_index, batch.response_mask.shape)
+    shards = group.assign(learner.token, [a.rows[j] for j in local], batch.holder, batch.hold_index)
+    assert isinstance(shards[1], KeptRows) and not shards[1].own and shards[1].n_borrowed == len(local) // 2
+    assert all(isinstance(r, ray.ObjectRef) for r in shards[1].borrowed)
+    mask = a.mask[local]
+    loss = dataclasses.replace(learner.loss[policy], n_seqs=int((mask.sum(1) > 0).sum()))
+    lent = group.finish(policy, group.submit(policy, shards, float(mask.sum()), loss, 1.0), 1.0)
+    w_lent = ray.get(hosts[0].get_state.remote(policy)).weights
+    group.set_state(policy, start[policy])
+    sent = [learner.minibatch(batch, ev, a, [local[i] for i in s]) for s in split(len(local), 2)]
+    direct = group.finish(policy, group.submit(policy, sent, float(mask.sum()), loss, 1.0), 1.0)
+    w_direct = ray.get(hosts[0].get_state.remote(policy)).weights
+    assert lent.applied and direct.applied
+    for k, w in w_direct.items():
+        torch.testing.assert_close(w_lent[k], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"lent rows {k}: {m}")
+    group.traffic = None
+    for p in learner.policies:
+        group.set_state(p, start[p])
+
+
 def test_rollout_logprobs_stand_in_for_the_policy_pass(run):
     """ppo.rollout_logprobs (null: on for this fp32 base): the batch carries the decode steps' policy
     logprobs, values and entropies (both hosts' rollouts); evaluate takes them as they are, with no
