@@ -18,8 +18,9 @@ the driver, gradients summed host to host and (2-3 hosts) through the driver. Re
 - gradient bytes per minibatch (fp32 LoRA + value head of one policy) and minibatches per step;
 - time/train_s and time/step_s (median over the measured steps).
 
-Then a side by side on 2 hosts at the larger rank: collective and driver runs alternate `--pairs`
-times, each a fresh set of actors; per pair the ratio of median train-phase times (collective / driver).
+Then side by sides on 2 hosts at the larger rank, each a fresh set of actors per run, `--pairs` times
+alternating: collective against driver (per pair the ratio of median train-phase times, collective /
+driver), and rows kept on the hosts against rows sent by the driver (collective; kept / sent).
 
 Finally the projection on paper for 7B and 70B bases (docs/cluster.md has the formula).
 """
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
         host_counts = [int(x) for x in args.hosts.split(",")]
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="grad_sync_"))
         a = assets(workdir)
-        rows, pairs = [], []
+        rows, pairs, row_pairs = [], [], []
         with loopback_cluster(max(host_counts + [2])):
             for r in ranks:
                 for n in host_counts:
@@ -260,7 +261,21 @@ def main(argv=None) -> int:
                               "step_ratio_collective_over_driver":
                                   got["collective"]["step_s_median"] / got["driver"]["step_s_median"]})
                 print(json.dumps(pairs[-1]), file=sys.stderr)
+            for i in range(args.pairs):  # rows kept on the hosts against rows sent by the driver (collective)
+                order = (True, False) if i % 2 == 0 else (False, True)
+                got = {k: measure(a, workdir, 2, max(ranks), "collective", args.pair_steps, keep_rows=k) for k in order}
+                row_pairs.append({"pair": i, "order": ["kept" if k else "sent" for k in order],
+                                  "train_s": {"kept": got[True]["train_s_median"], "sent": got[False]["train_s_median"]},
+                                  "step_s": {"kept": got[True]["step_s_median"], "sent": got[False]["step_s_median"]},
+                                  "train_ratio_kept_over_sent": got[True]["train_s_median"] / got[False]["train_s_median"],
+                                  "step_ratio_kept_over_sent": got[True]["step_s_median"] / got[False]["step_s_median"]})
+                print(json.dumps(row_pairs[-1]), file=sys.stderr)
         out["driver_bytes"] = rows
+        if row_pairs:
+            out["rows_kept_vs_sent_2_hosts"] = {
+                "lora_r": max(ranks), "pairs": row_pairs,
+                "train_ratio_median": statistics.median(p["train_ratio_kept_over_sent"] for p in row_pairs),
+                "step_ratio_median": statistics.median(p["step_ratio_kept_over_sent"] for p in row_pairs)}
         ratios = [p["train_ratio_collective_over_driver"] for p in pairs]
         out["side_by_side_2_hosts"] = {
             "lora_r": max(ranks), "pairs": pairs,

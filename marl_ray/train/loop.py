@@ -267,7 +267,7 @@ class Learner:
         if batch.kept is not None:  # the hosts keep the rows: send each its rows' advantages, once
             self.hosts.keep_advantages(batch.kept[0], adv, batch.holder, batch.hold_index, batch.response_mask.shape)
         for _ in range(g.ppo_epochs):
-            perms = {p: torch.randperm(len(adv[p].rows), generator=gen).tolist() for p in self.policies}
+            perms = {p: self._order(batch, adv[p].rows, gen) for p in self.policies}
             for start in range(0, g.batch_size, g.mini_batch_size):
                 pending = {}  # every policy's update is in flight before any is awaited
                 for p in self.policies:
@@ -302,6 +302,19 @@ class Learner:
             self.skip_count[p] += 1 if skipped[p] else 0
             out[p]["skipped/nonfinite"] = self.skip_count[p]
         return out
+
+    @staticmethod
+    def _order(batch: Batch, rows: list[int], gen: torch.Generator) -> list[int]:
+        """An epoch's random order of a policy's rows (positions into `rows`). With rows sampled on several
+        hosts, each host's rows are shuffled on their own and then dealt in turn (host 0's first, host 1's
+        first, ..., host 0's second, ...): a minibatch holds each host's rows in proportion, so each host
+        trains on rows it keeps and nothing is lent while the hosts keep as many rows each."""
+        by_host: dict[int, list[int]] = {}
+        for j, i in enumerate(rows):
+            by_host.setdefault(batch.holder[i] if batch.holder else 0, []).append(j)
+        dealt = [[own[k] for k in torch.randperm(len(own), generator=gen).tolist()]
+                 for _, own in sorted(by_host.items())]
+        return [d[k] for k in range(max(map(len, dealt), default=0)) for d in dealt if k < len(d)]
 
     # ------------------------------------------------------------ one step
     def run_step(self) -> dict[str, dict]:

@@ -76,3 +76,28 @@ def test_a_step_redone_from_the_same_state_is_the_same_step(learner):
         for k, v in first[p].items():
             if not k.startswith(("time/", "perf/")):
                 assert again[p][k] == v, (p, k)
+
+
+def test_an_epochs_order_deals_each_hosts_rows_in_turn():
+    """Learner._order: one host (or rows without holders) = torch.randperm under the generator, as before;
+    rows of two hosts are each shuffled and dealt in turn, so every run of 2k rows has k of each host."""
+    import torch
+
+    from marl_ray.train.loop import Batch, Learner
+
+    def batch(holder):
+        n = len(holder)
+        z = torch.zeros((n, 2), dtype=torch.long)
+        return Batch(z, z, z, 1, ["p"] * n, list(range(n)), holder=holder, kept=("t", 1) if holder else None)
+
+    rows = list(range(8))
+    for b in (batch([]), batch([0] * 8)):
+        assert Learner._order(b, rows, torch.Generator().manual_seed(3)) == torch.randperm(
+            8, generator=torch.Generator().manual_seed(3)).tolist()
+    two = batch([0, 0, 0, 0, 1, 1, 1, 1])
+    order = Learner._order(two, rows, torch.Generator().manual_seed(3))
+    assert sorted(order) == rows
+    assert [two.holder[rows[j]] for j in order] == [0, 1] * 4
+    uneven = batch([0, 0, 0, 0, 0, 1, 1, 1])
+    order = Learner._order(uneven, rows, torch.Generator().manual_seed(3))
+    assert sorted(order) == rows and [uneven.holder[j] for j in order] == [0, 1, 0, 1, 0, 1, 0, 0]
