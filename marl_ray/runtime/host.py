@@ -286,8 +286,22 @@ class ModelHost:
         loss.micro_batch_size the shard runs in chunks of that many rows, each scaled the
         same way, and their gradients and stats are summed here.
         """
-        g = self._gradients(policy, self._rows(mb), total_tokens, loss)
+        g = self._shard_gradients(policy, mb, total_tokens, loss)
         return Gradients({k: v.cpu() for k, v in g.grads.items()}, g.stats)
+
+    def _shard_gradients(self, policy: str, mb: "Minibatch | KeptRows | None", total_tokens: float,
+                         loss: LossSettings) -> Gradients:
+        """This host's shard's gradients and stats; zeros when it has no rows of the minibatch (it still
+        takes part in the sums)."""
+        keys = _stat_keys(loss)
+        mb = self._rows(mb)
+        if mb is None or not len(mb):
+            return Gradients({k: torch.zeros_like(p) for k, p in self.model.policy_state(policy).items()},
+                             {k: 0.0 for k in keys})
+        g = self._gradients(policy, mb, total_tokens, loss)
+        if set(g.stats) != set(keys):
+            raise RuntimeError(f"statistics {sorted(g.stats)} are not the expected {keys}")
+        return g
 
     def _gradients(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
         """forward_backward's gradients (on the model's device) and stats."""
@@ -410,15 +424,8 @@ class ModelHost:
             raise RuntimeError(f"host {self.host_index} is not in the hosts' group generation {generation} "
                                f"(it has {None if self.group is None else self.group.generation}): form it again")
         keys = _stat_keys(loss)
-        mb = self._rows(mb)
-        if mb is not None and len(mb):
-            g = self._gradients(policy, mb, total_tokens, loss)
-            grads, stats = g.grads, g.stats
-            if set(stats) != set(keys):
-                raise RuntimeError(f"statistics {sorted(stats)} are not the expected {keys}")
-        else:  # fewer rows than hosts: this host adds nothing but takes part in the sums
-            grads = {k: torch.zeros_like(p) for k, p in self.model.policy_state(policy).items()}
-            stats = {k: 0.0 for k in keys}
+        g = self._shard_gradients(policy, mb, total_tokens, loss)
+        grads, stats = g.grads, g.stats
         names = list(grads)
         self.group.allreduce_([grads[k] for k in names], comm_dtype, bucket_bytes)
         stats = dict(zip(keys, self.group.allreduce_values([float(stats[k]) for k in keys])))

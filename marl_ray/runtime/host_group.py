@@ -206,27 +206,29 @@ class HostGroup:
         get(calls)
 
     def assign(self, token: str, rows: list[int], holder: list[int], hold_index: list[int]) -> list[KeptRows]:
-        """Each host's rows of a minibatch (batch rows `rows`) by reference, in near-equal shares (`split`):
-        a host takes rows it keeps first; rows past their holder's share go to hosts short of theirs, lent
-        host to host (one `lend_rows` call per holder and taker, sent before the update that reads them)."""
-        want = [len(r) for r in split(len(rows), len(self.hosts))]
-        own: list[list[int]] = [[] for _ in want]
+        """Each host's rows of a minibatch (batch rows `rows`) by reference. No host takes more than
+        ceil(rows / hosts), the most an even split gives one; within that, each takes the rows it keeps.
+        Rows past their holder's share go to the hosts with the fewest, lent host to host (one
+        `lend_rows` call per holder and taker, sent before the update that reads it). With every host
+        keeping as many rows of the minibatch (give or take one) nothing is lent."""
+        n = len(self.hosts)
+        cap = -(-len(rows) // n)
+        shards = [KeptRows(token, []) for _ in range(n)]
         extra = []
         for g in rows:
-            h = holder[g]
-            if h < len(want) and len(own[h]) < want[h]:
-                own[h].append(hold_index[g])
+            own = shards[holder[g]].own if holder[g] < n else None
+            if own is not None and len(own) < cap:
+                own.append(hold_index[g])
             else:
                 extra.append(g)
-        shards = [KeptRows(token, own[h]) for h in range(len(want))]
-        takers = [t for t in range(len(want)) for _ in range(want[t] - len(own[t]))]
         lends: dict[tuple[int, int], list[int]] = {}
-        for g, t in zip(extra, takers):
+        for g in extra:
+            t = min(range(n), key=lambda h: len(shards[h]))
             lends.setdefault((holder[g], t), []).append(hold_index[g])
+            shards[t].n_borrowed += 1
         for (h, t), idx in lends.items():
             lend = self.hosts[h].kept_rows if self.local else self.hosts[h].lend_rows
             shards[t].borrowed.append(lend.remote(token, idx))
-            shards[t].n_borrowed += len(idx)
         return shards
 
     # ------------------------------------------------------------ training

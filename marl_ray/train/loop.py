@@ -25,7 +25,7 @@ import torch
 from marl_ray import console
 from marl_ray.model.sampling import SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
-from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
+from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
 from marl_ray.train import advantages as adv_math
 from marl_ray.train import ppo, resilience
@@ -252,10 +252,8 @@ class Learner:
     def train(self, batch: Batch, ev: Evaluation, adv: dict[str, PolicyAdvantages]) -> dict[str, dict]:
         """ppo_epochs passes; each minibatch's rows (mini_batch_size prompts x num_generations) are split
         over the hosts, gradients summed (host to host with cluster.grad_sync collective), one step everywhere."""
-        from marl_ray.runtime.host_group import GradSync
-
         self.hosts.configure(GradSync.from_cluster(self.cfg.cluster))
-        self.hosts.ensure_group()  # formed at the first update and after a recovery; a restarted host shows here
+        self.hosts.ensure_group()  # formed when fit starts and again after a recovery; a restarted host shows here
         g = self.cfg.ppo
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
         stats = {p: [] for p in self.policies}
@@ -487,6 +485,8 @@ class Learner:
         for p, s in self.checksums().items():
             if len(set(s)) != 1:
                 raise ReplicaDivergence(f"policy {p!r}: hosts start from different weights: {s}")
+        self.hosts.configure(GradSync.from_cluster(self.cfg.cluster))
+        self.hosts.ensure_group()  # the hosts' group forms as the run starts (train() re-forms it after a recovery)
         bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not console.progress(self.cfg.run.progress))
         save_every = self.cfg.run.save_every
         try:

@@ -28,6 +28,38 @@ def test_split_is_contiguous_near_equal_and_drops_empty_shards():
             assert max(map(len, shards), default=0) - min(map(len, shards), default=0) <= 1
 
 
+def test_assign_gives_each_host_its_own_rows_first_and_lends_only_past_the_even_share():
+    """HostGroup.assign: no host takes more than ceil(rows / hosts); within that it takes rows it keeps;
+    rows past their holder's share are lent to the hosts with the fewest, one lend call per holder and
+    taker (here the hosts are plain objects that record what they lend)."""
+
+    class Holder:
+        def __init__(self):
+            self.lent = []
+
+        def kept_rows(self, token, idx):
+            self.lent.append(list(idx))
+            return ("rows", tuple(idx))
+
+    def assign(holder, rows=None):
+        hosts = [Holder() for _ in range(max(holder) + 1 if rows is None else 3)]
+        g = HostGroup([LocalHandle(h) for h in hosts], local=True)
+        rows = list(range(len(holder))) if rows is None else rows
+        index = [sum(1 for j in range(i) if holder[j] == holder[i]) for i in range(len(holder))]
+        return g.assign("t", rows, holder, index), hosts
+
+    shards, hosts = assign([0, 0, 0, 1, 1, 1])
+    assert [s.own for s in shards] == [[0, 1, 2], [0, 1, 2]] and not any(h.lent for h in hosts)
+    shards, _ = assign([0, 0, 1, 1, 1])  # 2 and 3 rows: within ceil(5 / 2) = 3, nothing lent
+    assert [len(s.own) for s in shards] == [2, 3] and all(s.n_borrowed == 0 for s in shards)
+    shards, hosts = assign([0, 0, 0, 0, 1, 1])  # 4 rows on host 0, share 3: one lent to host 1
+    assert [s.own for s in shards] == [[0, 1, 2], [0, 1]] and shards[1].n_borrowed == 1
+    assert hosts[0].lent == [[3]] and [len(s) for s in shards] == [3, 3]
+    shards, hosts = assign([0] * 7, rows=list(range(7)))  # 7 rows on host 0 of 3 hosts: 3, 2, 2
+    assert [len(s) for s in shards] == [3, 2, 2] and shards[0].own == [0, 1, 2]
+    assert sorted(sum(hosts[0].lent, [])) == [3, 4, 5, 6] and len(hosts[0].lent) == 2
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two in-process hosts (replicas of the same seed) and a learner over the first one."""
