@@ -208,11 +208,12 @@ class ModelHost:
         roll = None
         if req.rollout:
             roll = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples]) for f in RolloutScores.FIELDS))
-        ev = self.evaluate(EvalRequest(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), policies, req.rewards,
-                                       ids.shape[1], roll, req.reference, req.chunk))
+        input_ids, attention_mask, P = torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
+        ev = self.evaluate(EvalRequest(input_ids, attention_mask, policies, req.rewards, P, roll, req.reference,
+                                       req.chunk))
         zeros = torch.zeros(rmask.shape)
-        self.tables[req.token] = Minibatch(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1], rmask,
-                                           ev.logprobs_BR, ev.values_BR, zeros, zeros, ev.ref_logprobs_BR)
+        self.tables[req.token] = Minibatch(input_ids, attention_mask, P, rmask, ev.logprobs_BR, ev.values_BR, zeros,
+                                           zeros, ev.ref_logprobs_BR)
         return ev
 
     def keep_advantages(self, token: str, advantages_BR: torch.Tensor, returns_BR: torch.Tensor,
@@ -278,7 +279,8 @@ class ModelHost:
                                                 ev.entropy_BR)))
 
     # ------------------------------------------------------------ train
-    def forward_backward(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float, loss: LossSettings) -> Gradients:
+    def forward_backward(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float,
+                         loss: LossSettings) -> Gradients:
         """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
 
         The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
