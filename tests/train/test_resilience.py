@@ -106,21 +106,30 @@ def local_ray():
         yield tmp
 
 
-def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray, tmp_path, monkeypatch, caplog, hosts):
     """Kill the host between steps 0 and 1 (step 1's first call fails); worker 1 20 ms into step 2's
     rollout and the host 20 ms into the redo of that same step (two faults within one step); worker 0
     after step 2, waiting until Ray has restarted it (only its new pid shows that its stream position
     was lost: the checkpoint after step 2 is refused, restored and written again); and worker 1 while
     that checkpoint's files are written (the checkpoint is whole; step 3 finds the worker gone and is
     redone). The run must still reproduce the uninterrupted run: same ledger, metrics and adapters,
-    and the checkpoint holds the uninterrupted run's state after step 2."""
+    and the checkpoint holds the uninterrupted run's state after step 2. With two hosts (both on the
+    one node: gradients allreduced in the hosts' group, rows kept where they were sampled) host 0 is
+    the one killed, and the run must reproduce an uninterrupted two-host run."""
     from marl_ray.runtime.handles import get
     from marl_ray.stages.ppo import run_ppo
     from marl_ray.train.loop import Learner
 
     out = tmp_path / "run"
-    cfg = ru.load(ru.run_config(assets, out, cluster={"runtime": "ray", "max_restarts": 3},
-                                run={"save_every": 3}))
+    cluster = {"runtime": "ray", "max_restarts": 3}
+    if hosts == 2:
+        cluster.update(num_hosts=2, hosts_per_node=2)
+        want = tmp_path / "uninterrupted"
+        summary = run_ppo(ru.load(ru.run_config(assets, want, cluster=cluster, run={"save_every": 3})))
+        assert len(summary["hosts"]) == 2 and summary["recoveries"] == 0
+        baseline = {"out": want, "summary": summary, "metrics": ru.metrics_by_step(want)}
+    cfg = ru.load(ru.run_config(assets, out, cluster=cluster, run={"save_every": 3}))
     seen, killed, threads = {}, [], []
 
     def kill(pid, what, delay=0.0):
@@ -181,6 +190,7 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
     with caplog.at_level(logging.WARNING, logger="marl_ray.train"):
         summary = run_ppo(cfg, on_start=on_start, on_step=on_step)
     assert killed == ["host", "worker 1", "host", "worker 0", "worker 1 (checkpoint)"], killed
+    assert seen["learner"].hosts.collective == (hosts == 2)
     assert tries[2] == 3, tries
     assert summary["recoveries"] == 5, caplog.text
     assert "lost while saving step 3 (ActorRestarted)" in caplog.text  # worker 0: caught by its pid alone
