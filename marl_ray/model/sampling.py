@@ -56,6 +56,16 @@ class Samples:
     response_mask: torch.Tensor  # (N, R) long
     scores: "object | None" = None  # passes.RolloutScores (N, R) from the decode steps, or None
 
+    @staticmethod
+    def cat(parts: "list[Samples]") -> "Samples":
+        """The rows of `parts` in order; scores only when every part has them."""
+        from marl_ray.model.passes import RolloutScores
+
+        scores = None
+        if all(p.scores is not None for p in parts):
+            scores = RolloutScores(*(torch.cat([getattr(p.scores, f) for p in parts]) for f in RolloutScores.FIELDS))
+        return Samples(torch.cat([p.responses for p in parts]), torch.cat([p.response_mask for p in parts]), scores)
+
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists: (ids (B, P), mask (B, P))."""

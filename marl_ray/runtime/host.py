@@ -178,12 +178,8 @@ class ModelHost:
         k = settings.batch_rows
         if not k or len(prompts) <= k:
             return self.sampler.sample(self.model, prompts, policies, settings, seed)
-        parts = [self.sampler.sample(self.model, prompts[lo:lo + k], policies[lo:lo + k], settings, seed + i)
-                 for i, lo in enumerate(range(0, len(prompts), k))]
-        scores = None
-        if all(p.scores is not None for p in parts):
-            scores = RolloutScores(*(torch.cat([getattr(p.scores, f) for p in parts]) for f in RolloutScores.FIELDS))
-        return Samples(torch.cat([p.responses for p in parts]), torch.cat([p.response_mask for p in parts]), scores)
+        return Samples.cat([self.sampler.sample(self.model, prompts[lo:lo + k], policies[lo:lo + k], settings, seed + i)
+                            for i, lo in enumerate(range(0, len(prompts), k))])
 
     # ------------------------------------------------------------ rows kept here
     @torch.no_grad()
@@ -201,13 +197,9 @@ class ModelHost:
         got = [parts[w] for w in req.workers]
         prompts = [p for g in got for p in g[0]]
         policies = [p for g in got for p in g[1]]
-        samples = [g[2] for g in got]
+        samples = Samples.cat([g[2] for g in got])
         ids, mask = pad_left(prompts, 0)
-        resp = torch.cat([s.responses for s in samples])
-        rmask = torch.cat([s.response_mask for s in samples])
-        roll = None
-        if req.rollout:
-            roll = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples]) for f in RolloutScores.FIELDS))
+        resp, rmask, roll = samples.responses, samples.response_mask, samples.scores if req.rollout else None
         input_ids, attention_mask, P = torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
         ev = self.evaluate(EvalRequest(input_ids, attention_mask, policies, req.rewards, P, roll, req.reference,
                                        req.chunk))

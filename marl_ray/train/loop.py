@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from marl_ray import console
-from marl_ray.model.sampling import SamplingSettings, pad_left
+from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
@@ -136,19 +136,11 @@ class Learner:
         samples = [get(ref) for part in parts for ref in part.samples]  # from the hosts, not via the workers
         if self.hosts.traffic is not None:
             self.hosts.traffic.add("samples", samples, "received")
-        prompts = [p for part in parts for p in part.prompts]
-        P = max(len(p) for p in prompts)
-        prompt_ids = torch.zeros((len(prompts), P), dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompts), P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            prompt_ids[i, P - len(p):] = torch.tensor(p)
-            prompt_mask[i, P - len(p):] = 1
-        resp = torch.cat([s.responses for s in samples])
-        rmask = torch.cat([s.response_mask for s in samples])
-        rollout = None
-        if all(s.scores is not None for s in samples):  # the decode steps' logprobs/values: no policy pass
-            rollout = RolloutScores(*(torch.cat([getattr(s.scores, f) for s in samples])
-                                      for f in RolloutScores.FIELDS))
+        prompt_ids, prompt_mask = pad_left([p for part in parts for p in part.prompts], 0)
+        P = prompt_ids.shape[1]
+        got = Samples.cat(samples)
+        # rollout: the decode steps' logprobs/values (then no policy pass), when every part has them
+        resp, rmask, rollout = got.responses, got.response_mask, got.scores
         policies = [p for part in parts for p in part.policies]
         groups: dict[tuple, int] = {}  # (worker, prompt position in its share, policy) -> group id
         group_ids = []
