@@ -24,6 +24,7 @@ from marl_ray.runtime.protocol import (
     EvalRequest, Evaluation, Gradients, KeptRows, KeptScoring, LossSettings, Minibatch, PolicyState, RolloutScores,
     Samples, SamplingSettings, TrainResult,
 )
+from marl_ray.seeds import policy_seed
 from marl_ray.train import ppo
 
 
@@ -75,15 +76,16 @@ class ModelHost:
             if r.path is not None:  # reward functions run in the learner, not here
                 self.model.add_reward(r.name, r.path)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        for i, p in enumerate(policies):
+        for p in policies:
             if p.init_from:
                 self.model.load_policy(p.name, p.init_from, value_head=p.critic)
             else:
                 # target_modules None: the architecture's default (model/targets.py), resolved by add_policy
                 cfg = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, lora_dropout=p.lora.dropout,
                                  target_modules=None if p.lora.target_modules is None else list(p.lora.target_modules))
-                # Same seed on every host: replicas start identical.
-                self.model.add_policy(p.name, cfg, seed=seed * 1000 + i, value_head=p.critic)
+                # Same seed on every host: replicas start identical; seeded by the policy's name, so a
+                # policy starts alike alone or beside others
+                self.model.add_policy(p.name, cfg, seed=policy_seed(seed, p.name, "init"), value_head=p.critic)
             self.optimizers[p.name] = torch.optim.AdamW(
                 self.model.policy_parameters(p.name), lr=p.lr, eps=1e-8, weight_decay=0.0)
         self.sampler = self.model.sampler  # rollouts on the training model; or a vLLM engine:

@@ -25,6 +25,7 @@ import torch
 from marl_ray import console
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
+from marl_ray.seeds import policy_seed
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
 from marl_ray.train import advantages as adv_math
@@ -247,7 +248,10 @@ class Learner:
         self.hosts.configure(GradSync.from_cluster(self.cfg.cluster))
         self.hosts.ensure_group()  # formed when fit starts and again after a recovery; a restarted host shows here
         g = self.cfg.ppo
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7 + self.step)
+        # each policy's minibatch order from a stream of its own (named by the policy, not its place):
+        # the policy deals its rows alike whether it trains alone or beside other policies
+        gens = {p: torch.Generator().manual_seed(policy_seed(self.cfg.run.seed, p, "order", self.step))
+                for p in self.policies}
         stats = {p: [] for p in self.policies}
         skipped = {p: 0 for p in self.policies}
         for p in self.policies:
@@ -257,7 +261,7 @@ class Learner:
         if batch.kept is not None:  # the hosts keep the rows: send each its rows' advantages, once
             self.hosts.keep_advantages(batch.kept[0], adv, batch.holder, batch.hold_index, batch.response_mask.shape)
         for _ in range(g.ppo_epochs):
-            perms = {p: self._order(batch, adv[p].rows, gen) for p in self.policies}
+            perms = {p: self._order(batch, adv[p].rows, gens[p]) for p in self.policies}
             for start in range(0, g.batch_size, g.mini_batch_size):
                 pending = {}  # every policy's update is in flight before any is awaited
                 for p in self.policies:
