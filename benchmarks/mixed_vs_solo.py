@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 
 def build_base(out: Path, seed: int, sft_steps: int, noise: float) -> Path:
     from marl_ray.data import arithmetic
@@ -58,33 +56,6 @@ def rl_run(out: Path, base: Path, prompts: Path, policies: dict[str, str], seed:
     return out
 
 
-@torch.no_grad()
-def sampled_accuracy(base: Path, adapter: Path | None, rows: list[dict], samples: int, seed: int) -> float:
-    """Plain transformers + peft: `samples` completions per problem at temperature 1, exact match."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from marl_ray.data.arithmetic import exact_match
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    torch.manual_seed(seed)
-    texts = [r["prompt"] for r in rows]
-    enc = [tok(t)["input_ids"] for t in texts]  # as the rollout workers encode prompts
-    assert len({len(e) for e in enc}) == 1, "every problem has the same length"
-    ids = torch.tensor(enc).repeat(samples, 1)
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                         top_k=0, top_p=1.0, max_new_tokens=4, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    comps = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-    answers = [r["answer"] for r in rows] * samples
-    return sum(exact_match(texts * samples, comps, answers)) / len(comps)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/marl-mixed-vs-solo")
@@ -99,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runtime", default="inprocess", choices=("inprocess", "ray"))
     args = ap.parse_args(argv)
     from marl_ray.data import arithmetic
+    from marl_ray.data.arithmetic import sampled_accuracy
     from marl_ray.data.domain import write_jsonl
 
     out = Path(args.out)

@@ -117,5 +117,35 @@ def accuracy(completions: Sequence[str], answers: Sequence[str]) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def sampled_accuracy(base, adapter, rows: Sequence[dict], samples: int = 4, seed: int = 0,
+                     max_new_tokens: int = 4) -> float:
+    """Held-out exact-match accuracy of a saved model, measured the way a user would, apart from the
+    training code: plain transformers (+ peft for `adapter`, a saved policy folder) and `generate`,
+    `samples` completions per problem at temperature 1 (no top-k / top-p), prompts encoded as the
+    rollout workers encode them (the tokenizer's special tokens added)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    texts = [r["prompt"] for r in rows]
+    enc = [tok(t)["input_ids"] for t in texts]
+    if len({len(e) for e in enc}) != 1:
+        raise ValueError("every problem must encode to the same number of tokens (no padding)")
+    ids = torch.tensor(enc).repeat(samples, 1)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
+    completions = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return accuracy(completions, [r["answer"] for r in rows] * samples)
+
+
 __all__ = ["MAX_OPERAND", "EVAL_FRACTION", "SPLITS", "prompt_of", "answer_of", "split_of", "problems", "corpus",
-           "prompt_rows", "parse_answer", "exact_match", "accuracy"]
+           "prompt_rows", "parse_answer", "exact_match", "accuracy", "sampled_accuracy"]

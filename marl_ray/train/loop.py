@@ -61,6 +61,7 @@ class Batch:
     holder: list[int] = field(default_factory=list)  # (N,)
     hold_index: list[int] = field(default_factory=list)  # (N,)
     kept_workers: dict[int, list[int]] = field(default_factory=dict)
+    decoded: tuple[list[str], list[str]] | None = None  # (prompts, completions) as text, once decoded
 
     def rows(self, policy: str) -> list[int]:
         return [i for i, p in enumerate(self.policies) if p == policy]
@@ -182,6 +183,22 @@ class Learner:
                                                None if all(reference) else reference,
                                                self.cfg.ppo.micro_batch_size))
 
+    def decoded(self, batch: Batch) -> tuple[list[str], list[str]]:
+        """Every row's prompt (its text, or its tokens decoded where it was given as token ids) and
+        completion as text: decoded in one call the first time a step asks (rewards, gold metrics and
+        sample logs share it)."""
+        if batch.decoded is None:
+            P, n = batch.response_start, len(batch.policies)
+            untexted = [i for i in range(n) if not batch.texts or batch.texts[i] is None]
+            texts = get(self.workers[0].decode.remote(
+                [batch.input_ids[i, P:][batch.response_mask[i].bool()].tolist() for i in range(n)]
+                + [batch.input_ids[i, :P][batch.attention_mask[i, :P].bool()].tolist() for i in untexted]))
+            prompts = list(batch.texts) if batch.texts else [None] * n
+            for i, t in zip(untexted, texts[n:]):
+                prompts[i] = t
+            batch.decoded = (prompts, texts[:n])
+        return batch.decoded
+
     def rewards(self, batch: Batch, ev: Evaluation) -> tuple[torch.Tensor, dict[str, dict]]:
         """Each row's total reward (before reward_weight) and, per policy, each reward's mean and std.
 
@@ -190,15 +207,7 @@ class Learner:
         if not self.reward_fns:  # reward adapters alone: one adapter per policy
             return ev.scores_B, {p: {} for p in self.policies}
 
-        completions = get(self.workers[0].decode.remote(
-            [batch.input_ids[i, batch.response_start:][batch.response_mask[i].bool()].tolist()
-             for i in range(len(batch.policies))]))
-        prompts = batch.texts
-        if any(t is None for t in prompts):
-            decoded = get(self.workers[0].decode.remote(
-                [batch.input_ids[i, :batch.response_start][batch.attention_mask[i, :batch.response_start].bool()]
-                 .tolist() for i in range(len(batch.policies))]))
-            prompts = [t if t is not None else d for t, d in zip(prompts, decoded)]
+        prompts, completions = self.decoded(batch)
         total = torch.zeros(len(batch.policies))
         stats = {}
         for p in self.policies:
@@ -357,22 +366,14 @@ class Learner:
         """The first run.log_samples rows of each policy: prompt, completion, total reward, the row's fields."""
         k = self.cfg.run.log_samples
         picked = [(p, j, adv[p].rows[j]) for p in self.policies for j in range(min(k, len(adv[p].rows)))]
-        rows = [i for _, _, i in picked]
-        P = batch.response_start
-        texts = get(self.workers[0].decode.remote(
-            [batch.input_ids[i, :P][batch.attention_mask[i, :P].bool()].tolist() for i in rows]
-            + [batch.input_ids[i, P:][batch.response_mask[i].bool()].tolist() for i in rows]))
-        n = len(rows)
+        prompts, completions = self.decoded(batch)
         self.logger.log_samples(self.step, [
-            {"policy": p, "prompt": batch.texts[i] if batch.texts and batch.texts[i] is not None else texts[r],
-             "completion": texts[n + r], "reward": float(adv[p].raw_scores[j]),
+            {"policy": p, "prompt": prompts[i], "completion": completions[i], "reward": float(adv[p].raw_scores[j]),
              **(batch.columns[i] if batch.columns else {})}
-            for r, (p, j, i) in enumerate(picked)])
+            for p, j, i in picked])
 
     def _gold_metrics(self, batch: Batch, metrics: dict):
-        texts = get(self.workers[0].decode.remote(
-            [batch.input_ids[i, batch.response_start:][batch.response_mask[i].bool()].tolist()
-             for i in range(len(batch.policies))]))
+        texts = self.decoded(batch)[1]
         for p in self.policies:
             scores = self.gold_fn([texts[i] for i in batch.rows(p)])
             metrics[p]["gold/score"] = float(sum(scores) / max(len(scores), 1))

@@ -101,3 +101,34 @@ def test_an_epochs_order_deals_each_hosts_rows_in_turn():
     uneven = batch([0, 0, 0, 0, 0, 1, 1, 1])
     order = Learner._order(uneven, rows, torch.Generator().manual_seed(3))
     assert sorted(order) == rows and [uneven.holder[j] for j in order] == [0, 1, 0, 1, 0, 1, 0, 0]
+
+
+def test_a_step_decodes_its_rows_once(tmp_path):
+    """Reward functions, the gold metric and the sample log read one decode of the step's rows: one call to
+    the rollout worker per step, prompts and completions together."""
+    from pathlib import Path
+
+    from marl_ray.metrics import MetricsLogger
+    from marl_ray.runtime.placement import start_inprocess
+    from marl_ray.train.loop import Learner
+
+    assets = ru.build_assets(tmp_path / "assets")
+    fns = Path(__file__).parent / "reward_fns" / "vowels.py"
+    cfg = ru.run_config(assets, tmp_path / "out", run={"log_samples": 2})
+    cfg["rewards"] = [{"name": "vowels", "function": f"{fns}:vowel_fraction"}]
+    cfg["policies"] = [{**p, "reward": "vowels"} for p in cfg["policies"]]
+    cfg = ru.load(cfg)
+    actors = start_inprocess(cfg, seed=0)
+    worker = actors.workers[0]._obj
+    calls, decode = [], worker.decode
+    worker.decode = lambda rows: calls.append(len(rows)) or decode(rows)
+    gold = []
+    learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host,
+                      MetricsLogger(tmp_path / "out", tensorboard=False),
+                      gold_fn=lambda texts: gold.append(list(texts)) or [1.0] * len(texts))
+    learner.run_step()
+    n = cfg.ppo.batch_size * len(learner.policies)
+    assert calls == [n], calls  # the completions of every row; the prompts are texts already
+    assert sum(len(g) for g in gold) == n
+    samples = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * len(learner.policies)
