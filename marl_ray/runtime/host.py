@@ -373,7 +373,7 @@ class ModelHost:
         finite = all(bool(torch.isfinite(t).all()) for t in g.grads.values()) and all(
             math.isfinite(v) for v in g.stats.values())
         if finite:
-            self.optim_step(policy, g.grads, max_grad_norm, checksum=False)
+            self.optim_step(policy, g.grads, max_grad_norm)
         return TrainResult(g.stats, finite)
 
     # ------------------------------------------------------------ collective (host to host)
@@ -413,7 +413,8 @@ class ModelHost:
                          bucket_bytes: int = 25 << 20) -> TrainResult:
         """One minibatch update of `policy` summed among the hosts: this host's shard's gradients (zeros
         when it has no rows), an allreduce of the gradients (in buckets) and of the statistics, and the
-        same optimizer step on every host. Only the statistics and the checksum go back to the caller.
+        same optimizer step on every host. Only the statistics go back to the caller (the replicas are
+        compared once a step, `fingerprints`).
         Nothing is applied anywhere when a summed gradient or statistic is not finite (every host sees
         the same sums, so every host decides alike)."""
         if self.group is None or self.group.generation != generation:
@@ -428,12 +429,12 @@ class ModelHost:
         finite = all(bool(torch.isfinite(t).all()) for t in grads.values()) and all(
             math.isfinite(v) for v in stats.values())
         if not finite:
-            return TrainResult(stats, False, self.checksum(policy))
-        return TrainResult(stats, True, self.optim_step(policy, grads, max_grad_norm, checksum=True))
+            return TrainResult(stats, False)
+        self.optim_step(policy, grads, max_grad_norm)
+        return TrainResult(stats, True)
 
-    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None, checksum: bool = True) -> str:
-        """Apply one optimizer step from (summed) gradients; returns the policy's checksum ("" with
-        checksum=False: a group of one host has no replicas to compare)."""
+    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None):
+        """Apply one optimizer step from (summed) gradients."""
         params = self.model.policy_state(policy)
         for k, p in params.items():
             p.grad = grads[k].to(p.device, p.dtype)
@@ -447,7 +448,23 @@ class ModelHost:
                 group["foreach"] = True
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return self.checksum(policy) if checksum else ""
+
+    @torch.no_grad()
+    def fingerprints(self, policies: list[str]) -> dict[str, str]:
+        """A fingerprint of each policy's trainable tensors, reduced where they live (no copy leaves the
+        device): per tensor, in name order, the sum of its raw bits read as integers and their sum weighted
+        by position, in wrapping int64. Replicas that agree bit for bit give the same fingerprint; any
+        changed bit changes it (save for a chance collision). The learner compares them once a step."""
+        out = {}
+        for policy in policies:
+            acc = []
+            for k, v in sorted(self.model.policy_state(policy).items()):
+                t = v.detach().contiguous().reshape(-1)
+                bits = t.view(_INT_OF_SIZE[t.element_size()]).long()
+                pos = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64).mul_(0x9E3779B1)
+                acc.append(torch.stack([bits.sum(), (bits * pos).sum()]))
+            out[policy] = "".join(f"{x & (2**64 - 1):016x}" for x in torch.stack(acc).sum(0).tolist())
+        return out
 
     def checksum(self, policy: str) -> str:
         """sha256 of every trainable tensor of `policy` (LoRA + value head), in name order."""
@@ -548,6 +565,9 @@ _CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "polic
 
 class RowsLost(RuntimeError):
     """A host was asked for rows it does not keep (it was restarted since it sampled them)."""
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _by_policy(policies: list[str]) -> list[int] | None:

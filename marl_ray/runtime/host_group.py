@@ -2,13 +2,14 @@
 
 The learner talks to a group, never to a host: a group of one host is the same code path (it
 only skips moving gradients when there is nothing to sum). Every host holds a replica of each
-policy; after every update the replicas must agree bit for bit (checked by checksum).
+policy; the replicas must agree bit for bit (compared once a step, by a fingerprint each host
+reduces where its tensors live: `verify`).
 
 Gradients are summed one of two ways (`cluster.grad_sync`):
 - collective (default for more than one Ray host): the hosts form a torch.distributed process
   group among themselves (`runtime/collective.py`) and allreduce their gradients host to host; the
-  driver sends each host which rows of the minibatch it takes and receives the summed statistics and
-  each host's checksum, whatever the adapter's size and the number of hosts.
+  driver sends each host which rows of the minibatch it takes and receives the summed statistics,
+  whatever the adapter's size and the number of hosts.
 - driver: each host returns its gradients, the driver sums them and every host fetches the sum from
   the object store (in-process groups, and the fallback).
 
@@ -266,8 +267,6 @@ class HostGroup:
         if isinstance(results[0], TrainResult):  # collective: the hosts summed and stepped themselves
             if len({r.applied for r in results}) != 1:
                 raise ReplicaDivergence(f"policy {policy!r}: hosts disagree whether to apply {what or 'an update'}")
-            if results[0].applied:
-                self.agree([r.checksum for r in results], f"policy {policy!r}: hosts disagree after {what or 'an update'}")
             return TrainResult(results[0].stats, results[0].applied)
         grads = {k: sum(r.grads[k] for r in results) for k in results[0].grads}
         stats = {k: sum(r.stats[k] for r in results) for k in results[0].stats}
@@ -277,10 +276,18 @@ class HostGroup:
         ref = put(grads, self.local)
         if self.traffic is not None:
             self.traffic.add("summed_grads", grads, "sent")
-        sums = get([h.optim_step.remote(policy, ref, max_grad_norm, True) for h in self.hosts])
-        self._received("checksums", sums)
-        self.agree(sums, f"policy {policy!r}: hosts disagree after {what or 'an update'}")
+        get([h.optim_step.remote(policy, ref, max_grad_norm) for h in self.hosts])
         return TrainResult(stats, True)
+
+    def verify(self, policies: list[str], what: str):
+        """Every host's replicas of `policies` agree (once a step, after its updates): each host reduces
+        its tensors to a fingerprint where they live; ReplicaDivergence names the first that differs."""
+        if len(self.hosts) < 2:
+            return
+        prints = self.all("fingerprints", list(policies))
+        self._received("fingerprints", prints)
+        for p in policies:
+            self.agree([f[p] for f in prints], f"policy {p!r}: hosts disagree after {what}")
 
     def _received(self, kind: str, obj):
         if self.traffic is not None:

@@ -176,7 +176,6 @@ class TrainResult:
 
     stats: dict[str, float]
     applied: bool  # False: a non-finite gradient or statistic; nothing was changed
-    checksum: str = ""  # a host's checksum of the policy after a collective update ("" otherwise)
 
 
 @dataclass

@@ -299,6 +299,7 @@ class Learner:
                     # policy's remaining updates of the step.
                     skipped[p] += 1
                     log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
+        self.hosts.verify(self.policies, f"step {self.step}")  # the replicas agree: caught in the step they part
         out = {p: ({f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} if v else {}) for p, v in stats.items()}
         for p in self.policies:
             self.bad_steps[p] = self.bad_steps[p] + 1 if skipped[p] else 0

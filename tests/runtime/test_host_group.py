@@ -123,15 +123,29 @@ def test_a_split_update_is_the_single_host_update_and_replicas_agree(setup):
         assert not result.applied and group.checksums(policy) == before
 
 
-def test_diverged_replicas_are_caught(setup):
+def test_diverged_replicas_are_caught_in_the_step_they_part(setup):
+    """Replicas are compared once a step, by a fingerprint each host reduces where its tensors live: a
+    replica changed before a step's updates fails that step (ReplicaDivergence naming the policy), and
+    one changed bit of one tensor is enough."""
+    from marl_ray.train.loop import Learner
+
     learner, batch, two = setup["learner"], setup["batch"], setup["two"]
-    ev = two.evaluate(_req(learner, batch))
-    adv = learner.advantages(batch, ev)
-    second = two.hosts[1]._obj
+    first, second = two.hosts[0]._obj, two.hosts[1]._obj
+    for p in learner.policies:
+        second.set_state(p, first.get_state(p))
+    assert first.fingerprints(learner.policies) == second.fingerprints(learner.policies)
+    cfg = setup["cfg"]
+    both = Learner(cfg, two.hosts, learner.workers, [0] * len(learner.workers))
+    ev = both.evaluate(batch)
+    adv = both.advantages(batch, ev)
+    tensor = next(iter(second.model.policy_state("down").values()))
     with torch.no_grad():
-        next(iter(second.model.policy_state("down").values())).add_(1e-3)
-    with pytest.raises(ReplicaDivergence, match="'down'"):
-        _update(two, learner, batch, ev, adv, "down")
+        flat = tensor.view(-1)
+        flat[0] = torch.nextafter(flat[0], flat[0] + 1)  # one bit
+    assert first.fingerprints(["up"]) == second.fingerprints(["up"])
+    assert first.fingerprints(["down"]) != second.fingerprints(["down"])
+    with pytest.raises(ReplicaDivergence, match="'down'.*step"):
+        both.train(batch, ev, adv)
     with pytest.raises(ReplicaDivergence):
         two.agree(two.checksums("down"), "check")
 

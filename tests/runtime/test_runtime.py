@@ -257,9 +257,9 @@ def test_sharded_gradient_step_equals_single_host_step(run):
     for k in stats1:
         assert stats3[k] == pytest.approx(stats1[k], rel=1e-5, abs=1e-7), k
 
-    sums = ray.get([h.optim_step.remote(policy, ray.put(summed), cfg.ppo.max_grad_norm) for h in hosts])
-    assert sums[0] == sums[1]
-    solo_sum = ray.get(solo.optim_step.remote(policy, whole, cfg.ppo.max_grad_norm))
+    ray.get([h.optim_step.remote(policy, ray.put(summed), cfg.ppo.max_grad_norm) for h in hosts])
+    assert _checksums(hosts, policy)[0] == _checksums(hosts, policy)[1]
+    ray.get(solo.optim_step.remote(policy, whole, cfg.ppo.max_grad_norm))
     after = [ray.get(h.get_state.remote(policy)).weights for h in (hosts[0], solo)]
     print("max |grad diff| %.3g, max |weight diff| %.3g" % (
         max(float((summed[k] - whole[k]).abs().max()) for k in whole),
@@ -269,9 +269,8 @@ def test_sharded_gradient_step_equals_single_host_step(run):
         torch.testing.assert_close(w, after[1][k], rtol=1e-5, atol=1e-6, msg=lambda m: f"weight {k}: {m}")
         changed |= not torch.equal(w, state.weights[k])
     assert changed, "the optimizer step changed nothing"
-    # Not bit-identical in general (the two hosts sum in another order), so solo_sum may differ
-    # from sums[0]; the replicas themselves are bit-identical (sums[0] == sums[1]).
-    del solo_sum
+    # Not bit-identical in general (the two hosts sum in another order), so the solo host may differ
+    # from the replicas; the replicas themselves are bit-identical.
 
     # train_minibatch (what a learner with one host calls) == forward_backward + optim_step, bit for bit
     start = ray.get(solo.get_state.remote(policy))
@@ -544,7 +543,8 @@ def test_training_one_policy_leaves_the_others_bit_identical(run):
         for start in range(0, cfg.ppo.batch_size, cfg.ppo.mini_batch_size):
             local = list(range(start, start + cfg.ppo.mini_batch_size))
             grads, _ = _sharded_grads(learner, hosts, batch, ev, adv, "a", local, cfg)
-            sums = ray.get([h.optim_step.remote("a", ray.put(grads), cfg.ppo.max_grad_norm) for h in hosts])
+            ray.get([h.optim_step.remote("a", ray.put(grads), cfg.ppo.max_grad_norm) for h in hosts])
+            sums = _checksums(hosts, "a")
             assert sums[0] == sums[1]
     a1, b1 = _checksums(hosts, "a"), _checksums(hosts, "b")
     rm1, base1 = _frozen_sums(hosts)
