@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from marl_ray.train import ppo
-from marl_ray.train.algorithms import grpo, rloo
+from marl_ray.train.algorithms import grpo, reinforce_pp, rloo
 
 
 @dataclass
@@ -47,9 +47,9 @@ def compute(spec, scores_n, raw_scores_n, logprobs_nR, ref_logprobs_nR, values_n
             adv, ret = ppo.gae(rewards, values_nR, mask, gamma=gamma, lam=lam)
             if whiten:
                 adv = ppo.masked_whiten(adv, mask)
-        else:  # REINFORCE++: return-to-go (gamma 1, no critic), normalised over the whole batch
-            ret = ppo.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)[1]
-            adv = ppo.masked_whiten(ret, mask)
+        else:  # REINFORCE++: return-to-go (gamma 1, no critic), whitened over the policy's whole batch
+            ret = reinforce_pp.returns(rewards, mask)
+            adv = reinforce_pp.advantages(ret, mask)
         checked = (rewards, adv, ret)
     else:
         gid = torch.tensor(group_ids, device=scores_n.device)

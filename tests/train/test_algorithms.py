@@ -692,3 +692,21 @@ def test_registry():
     assert ALGORITHMS["grpo"] == Algorithm(critic=False, groups=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ALGORITHMS["ppo"].critic = False
+
+
+def test_production_reinforce_pp_advantages_are_the_modules():
+    """The learner's advantages of a reinforce_pp policy (train/advantages.py) are reinforce_pp.compute_advantages
+    on the policy's rows: the module the tests above check is the one production runs."""
+    from marl_ray.config.schema import PolicySpec
+    from marl_ray.train import advantages as adv_math
+
+    gen = torch.Generator().manual_seed(3)
+    B, T = 6, 5
+    scores_B = torch.randn(B, generator=gen)
+    lp_BT, ref_BT = -torch.rand(B, T, generator=gen) * 3, -torch.rand(B, T, generator=gen) * 3
+    mask_BT = (torch.arange(T)[None] < torch.tensor([5, 3, 1, 4, 5, 2])[:, None]).float()
+    spec = PolicySpec(name="p", reward=("r",), algorithm="reinforce_pp")
+    got = adv_math.compute(spec, scores_B, scores_B, lp_BT, ref_BT, torch.zeros(B, T), mask_BT, 0.05, [],
+                           1.0, 0.95, True, "kl")
+    adv_BT, ret_BT, kl_BT = reinforce_pp.compute_advantages(scores_B, lp_BT, ref_BT, mask_BT, 0.05)
+    assert torch.equal(got.advantages, adv_BT) and torch.equal(got.returns, ret_BT) and torch.equal(got.kl, kl_BT)
