@@ -68,6 +68,8 @@ class ModelHost:
         self.kept: dict[str, dict] = {}  # learner token -> {"kept": rollout id, worker: (prompts, policies, Samples)}
         self.tables: dict[str, Minibatch] = {}  # learner token -> its scored rows of the last step scored here
         self._rendezvous = None  # host 0: the store server of the group being formed
+        # step -> {policy: PolicyState}: the states a failed step is rolled back to (the newest KEEP_SNAPSHOTS)
+        self._snapshots: dict[int, dict] = {}
         # low_memory: this process owns its memory (see model/tweaks.py)
         self.model = MultiAdapterModel.from_pretrained(
             model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
@@ -535,19 +537,82 @@ class ModelHost:
 
     def get_state(self, policy: str) -> PolicyState:
         """Weights + optimizer state of `policy` (copies: later steps do not change them), to restore
-        this or another replica to this point."""
+        this or another replica to this point. Weights in CPU memory (pinned on a CUDA host); the
+        optimizer's state where the optimizer keeps it."""
         import copy
 
-        return PolicyState({k: v.detach().cpu().clone() for k, v in self.model.policy_state(policy).items()},
-                           copy.deepcopy(self.optimizers[policy].state_dict()))
+        pin = self.model.device.type == "cuda"
+        weights = {}
+        for k, v in self.model.policy_state(policy).items():
+            c = v.detach().to("cpu", copy=True)
+            weights[k] = c.pin_memory() if pin else c
+        return PolicyState(weights, copy.deepcopy(self.optimizers[policy].state_dict()))
 
     def set_state(self, policy: str, state: PolicyState) -> str:
+        self._set_state(policy, state)
+        return self.checksum(policy)
+
+    def _set_state(self, policy: str, state: PolicyState):
         params = self.model.policy_state(policy)
         with torch.no_grad():
             for k, v in state.weights.items():
                 params[k].copy_(v)
         self.optimizers[policy].load_state_dict(state.optimizer)
-        return self.checksum(policy)
+
+    # ------------------------------------------------------------ snapshots (kept here, never sent to the driver)
+    def snapshot(self, tag: int):
+        """Keep the state of every policy as it is now (weights and optimizer), under `tag` (the step it
+        starts): what a failed step is rolled back to. It stays on this host. The one before is kept too
+        (KEEP_SNAPSHOTS): until the learner has checked that no actor restarted during the step, that is
+        the one a recovery needs."""
+        self._keep(tag, {p: self.get_state(p) for p in self.optimizers})
+
+    def _keep(self, tag: int, states: dict):
+        self._snapshots[tag] = states
+        for old in sorted(self._snapshots)[:-KEEP_SNAPSHOTS]:
+            del self._snapshots[old]
+
+    def restore(self, tag: int):
+        """Put every policy back to this host's snapshot `tag`. SnapshotMissing when it has none of that tag
+        (it was restarted since): it is then refilled from a peer (`share_snapshot`, `restore_from`)."""
+        self._restore(self._held(tag))
+
+    def share_snapshot(self, tag: int, by_reference: bool = True) -> list:
+        """Snapshot `tag` for a peer that lost it. by_reference (Ray): a list holding a reference put by
+        this host, so the state goes host to host (the caller passes the list on, never the state);
+        otherwise (in-process) the snapshot itself."""
+        held = (tag, self._held(tag))
+        if not by_reference:
+            return [held]
+        import ray
+
+        return [ray.put(held)]
+
+    def restore_from(self, shared: list, tag: int):
+        """Take a peer's snapshot (`share_snapshot`'s result) as this host's own and restore it."""
+        import copy
+
+        from marl_ray.runtime.handles import get
+
+        held = shared[0] if isinstance(shared[0], tuple) else get(shared[0])
+        if held[0] != tag:
+            raise SnapshotMissing(f"a peer shared the snapshot of step {held[0]}, not {tag}")
+        self._keep(tag, copy.deepcopy(held[1]))
+        self._restore(self._snapshots[tag])
+
+    def snapshot_tags(self) -> list[int]:
+        """The steps whose start this host holds, oldest first."""
+        return sorted(self._snapshots)
+
+    def _held(self, tag: int) -> dict:
+        if tag not in self._snapshots:
+            raise SnapshotMissing(f"host {self.host_index} holds no snapshot of step {tag} "
+                                  f"(it holds {self.snapshot_tags()}: was it restarted?)")
+        return self._snapshots[tag]
+
+    def _restore(self, states: dict):
+        for p, st in states.items():
+            self._set_state(p, st)
 
     def rng_state(self) -> dict:
         return {"torch": torch.random.get_rng_state(), "python": random.getstate()}
@@ -563,9 +628,16 @@ _CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "polic
                       "val/ratio")
 
 
+class SnapshotMissing(RuntimeError):
+    """A host was asked for a snapshot it does not hold (it was restarted since it was taken)."""
+
+
 class RowsLost(RuntimeError):
     """A host was asked for rows it does not keep (it was restarted since it sampled them)."""
 
+
+#: Snapshots a host keeps: the step's start, and the one before until the step is known to be good.
+KEEP_SNAPSHOTS = 2
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

@@ -298,6 +298,34 @@ class HostGroup:
             self.traffic.add(kind, obj, "sent")
 
     # ------------------------------------------------------------ state
+    def snapshot(self, tag: int):
+        """Every host keeps the state of its policies as it is now, under `tag` (the step it starts),
+        where it is: nothing of it comes to the driver."""
+        self.all("snapshot", tag)
+
+    def restore(self, tag: int) -> list[int] | None:
+        """Every host back to snapshot `tag`: a host that holds it restores it itself, one that lost it (Ray
+        restarted it) is refilled from a host that holds it, host to host (a reference the donor put; the
+        driver passes the reference on). Returns the refilled hosts' indices; None when no host holds the
+        snapshot (then nothing was changed)."""
+        from marl_ray.runtime.host import SnapshotMissing
+
+        missing = []
+        for i, h in enumerate(self.hosts):
+            try:
+                get(h.restore.remote(tag))
+            except Exception as e:
+                if not _caused_by(e, SnapshotMissing):
+                    raise
+                missing.append(i)
+        if len(missing) == len(self.hosts):
+            return None
+        if missing:
+            donor = next(i for i in range(len(self.hosts)) if i not in missing)
+            shared = get(self.hosts[donor].share_snapshot.remote(tag, not self.local))
+            get([self.hosts[i].restore_from.remote(shared, tag) for i in missing])
+        return missing
+
     def checksums(self, policy: str) -> list[str]:
         return self.all("checksum", policy)
 
@@ -306,3 +334,14 @@ class HostGroup:
 
     def import_policy(self, policy: str, files: dict, what: str = "an import") -> str:
         return self.agree(self.all("import_policy", policy, files), f"policy {policy!r}: hosts disagree after {what}")
+
+
+def _caused_by(e: BaseException, kind: type) -> bool:
+    """`e` is, or was caused by, a `kind` (also raised inside an actor: Ray's error subclasses it)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__
+    return False

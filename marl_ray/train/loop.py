@@ -108,6 +108,8 @@ class Learner:
         self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
         self.recoveries = 0  # steps redone after an actor was lost
         self._actor_pids = None  # pids of hosts + workers when their state was last known good (Ray)
+        self.start: dict | None = None  # a fresh run's learner state at step 0 (resilience.rewind)
+        self.last_checkpoint: Path | None = None  # the checkpoint this run last wrote or resumed from
         self.ledger: list[dict] = []  # prompt ids consumed per step
         self.history: list[dict] = []
         # with rollout_scored, hosts return the decode steps' logprobs and values
@@ -455,8 +457,10 @@ class Learner:
         if self._actor_pids is not None and resilience.pids(self) != self._actor_pids:
             # A restarted host would have exported its initial weights: write nothing.
             raise ActorRestarted(f"an actor was restarted before the checkpoint of step {self.step} was read")
-        return checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
-                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.cfg.run.keep_last)
+        self.last_checkpoint = checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
+                                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+                                               self.cfg.run.keep_last)
+        return self.last_checkpoint
 
     def load_checkpoint(self, which: str) -> Path:
         """Restore every host, worker and the learner from a checkpoint ('latest' or a folder)."""
@@ -468,6 +472,7 @@ class Learner:
         for p in self.policies:
             self.hosts.import_policy(p, files[p], f"loading {path}")
         self.set_state(state)
+        self.last_checkpoint = path
         log.info("resumed from %s (step %d)", path, self.step)
         return path
 

@@ -5,6 +5,13 @@ worker and redone with the same seeds: no sample is lost or counted twice. Ray r
 that dies between calls without raising anything to the caller; only its new process id gives
 it away, so every snapshot records the actors' pids.
 
+The policies' state stays on the hosts: each host keeps its own snapshot of the step's start
+(`HostGroup.snapshot`) and restores from it; a host that Ray restarted comes back empty and is
+refilled from a peer, host to host. The driver keeps the step, its own small state and the pids.
+Only when no host holds the snapshot (every host was restarted: one host, or all of them) does the
+run go back to its last checkpoint, or to its start when it has none yet (the hosts' seeded
+initial state), and redo the steps from there.
+
 A host that cannot come back (its node is gone for good) is either dropped (the run goes on with
 the hosts left, when the number of hosts follows the nodes: `cluster.num_hosts: null`) or stops the
 run with a checkpoint of the last good state and a message naming the node (`HostLost`).
@@ -48,10 +55,10 @@ def actor_lost(e: BaseException) -> bool:
 
 @dataclass
 class Snapshot:
-    """The state at the start of a step: what a failed step is rolled back to."""
+    """The start of a step, as the driver knows it: the hosts keep the policies' state under `step`."""
 
-    policies: dict  # policy -> protocol.PolicyState (from host 0)
-    learner: dict  # Learner.state()
+    step: int
+    learner: dict  # Learner.state(): step, KL controllers, workers' stream positions, ledger, ...
     pids: list[int] = field(default_factory=list)  # hosts + workers, read after their state
 
 
@@ -60,10 +67,13 @@ def pids(learner, timeout: float | None = None) -> list[int]:
 
 
 def take_snapshot(learner) -> Snapshot:
-    """Policies from host 0 and the learner's state; the actors' pids are read after their state:
-    unchanged pids later prove that no actor restarted meanwhile."""
-    snap = Snapshot({p: get(learner.hosts[0].get_state.remote(p)) for p in learner.policies}, learner.state())
+    """Every host keeps its policies' state; the driver the learner's state. The actors' pids are read
+    after their state: unchanged pids later prove that no actor restarted meanwhile."""
+    learner.hosts.snapshot(learner.step)
+    snap = Snapshot(learner.step, learner.state())
     snap.pids = learner._actor_pids = pids(learner)
+    if learner.step == 0 and learner.start is None:
+        learner.start = snap.learner  # a fresh run's start: what a run with no checkpoint goes back to
     return snap
 
 
@@ -97,19 +107,27 @@ def lost_hosts(learner) -> list[int]:
     return [i for i, n in enumerate(nodes) if n not in alive]
 
 
-def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
-    """Wait for restarted actors, then put every host and worker back to the snapshot.
+def recover(learner, snap: Snapshot, timeout_s: float = 300.0) -> bool:
+    """Wait for restarted actors, then put every host and worker back to the snapshot: each host from
+    its own, a restarted one from a peer's. Returns True when no host held it and the run went back
+    further (`rewind`: `snap` then describes that point).
 
     Hosts on a node that is gone are handled first (`drop_lost_hosts`): dropped, with their
     rollout workers moved to the nodes left, or, with a fixed number of hosts, `HostLost`."""
     deadline = time.monotonic() + timeout_s
+    rewound = False
     while True:
         _wait_for_actors(learner, snap, deadline, timeout_s)
         try:
             snap.pids = learner._actor_pids = pids(learner)  # before restoring: a restart after this shows
-            for p, st in snap.policies.items():
-                learner.hosts.set_state(p, st, "recovery")
-            learner.set_state(snap.learner)
+            refilled = learner.hosts.restore(snap.step)
+            if refilled is None:
+                rewind(learner, snap)
+                rewound = True
+            else:
+                if refilled:
+                    log.warning("host(s) %s refilled with step %d's state from a peer", refilled, snap.step)
+                learner.set_state(snap.learner)
             break
         except Exception as e:  # an actor (or its node) went away again while being restored: wait again
             if not actor_lost(e) or time.monotonic() > deadline:
@@ -119,6 +137,28 @@ def recover(learner, snap: Snapshot, timeout_s: float = 300.0):
     # the hosts' collective group (cluster.grad_sync collective) is formed anew by the redone step's first
     # update, among the processes alive now: a failure there is one more lost actor, retried like the rest
     learner.hosts.invalidate()
+    return rewound
+
+
+def rewind(learner, snap: Snapshot):
+    """No host holds the step's state: back to the last checkpoint (its policies through the driver, the
+    checkpoint route), or to the run's start when it has none yet (every host was restarted, so each holds
+    its seeded initial state). The metrics of the steps to redo are dropped; `snap` becomes that point and
+    every host snapshots it."""
+    was = snap.step
+    if learner.last_checkpoint is not None:  # written or resumed from by this run
+        where = str(learner.load_checkpoint(str(learner.last_checkpoint)))
+    elif learner.start is not None:
+        learner.set_state(learner.start)
+        where = "the run's start"
+    else:
+        raise RuntimeError(f"no host holds the state of step {was}, and the run has no checkpoint to go back to")
+    if learner.logger is not None:
+        learner.logger.truncate(learner.step)
+    learner.hosts.snapshot(learner.step)
+    snap.step, snap.learner = learner.step, learner.state()
+    log.warning("no host holds the state of step %d (every host was restarted): back to %s, step %d", was, where,
+                learner.step)
 
 
 def _wait_for_actors(learner, snap: Snapshot, deadline: float, timeout_s: float):
@@ -147,6 +187,7 @@ def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
             result = step_fn()
             nxt = None
             if snap is not None:
+                # the hosts keep this snapshot beside `snap`'s: a restart caught here still finds `snap` there
                 nxt = take_snapshot(learner)
                 if nxt.pids != snap.pids:
                     raise ActorRestarted(f"an actor was restarted during step {learner.step - 1}")
@@ -155,11 +196,10 @@ def run_step(learner, step_fn, snap: Snapshot | None, max_retries: int = 3):
             if snap is None or attempt == max_retries or not (actor_lost(e) or restarted(learner, snap)):
                 raise
             learner.recoveries += 1
-            log.warning("step %d lost an actor (%s); restoring and redoing the step", snap.learner["step"],
-                        type(e).__name__)
+            log.warning("step %d lost an actor (%s); restoring and redoing the step", snap.step, type(e).__name__)
             history = list(learner.history)  # `snap` was read before the last step's metrics were added
-            recover(learner, snap)
-            learner.history = history
+            if not recover(learner, snap):
+                learner.history = history
 
 
 def save(learner, save_fn, snap: Snapshot | None, retries: int = 2):
@@ -175,8 +215,8 @@ def save(learner, save_fn, snap: Snapshot | None, retries: int = 2):
             log.warning("an actor was lost while saving step %d (%s); restoring and saving again", learner.step,
                         type(e).__name__)
             history = list(learner.history)  # `snap` was read before this step's metrics were added
-            recover(learner, snap)
-            learner.history = history
+            if not recover(learner, snap):
+                learner.history = history
 
 
 def drop_lost_hosts(learner, gone: list[int], snap: Snapshot):
@@ -202,8 +242,9 @@ def drop_lost_hosts(learner, gone: list[int], snap: Snapshot):
         else:
             learner.worker_host[w] = keep.index(h)
     if learner.cfg.cluster.num_hosts is not None:
-        for p, st in snap.policies.items():
-            learner.hosts.set_state(p, st, "restoring the last good state")
+        if learner.hosts.restore(snap.step) is None:
+            raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone for good and no host left holds the "
+                           f"state of step {snap.step}: resume from the last checkpoint (run.resume=latest)")
         learner._actor_pids = None
         path = learner.save_checkpoint(state=snap.learner)
         raise HostLost(

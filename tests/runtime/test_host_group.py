@@ -306,3 +306,33 @@ def test_rows_a_host_no_longer_keeps_are_refused_by_name(kept):
     with pytest.raises(RowsLost, match="keeps no rows of rollout"):
         learner.evaluate(old)
     kept["batch"] = learner.rollout()
+
+
+def test_a_host_that_lost_its_snapshot_is_refilled_from_a_peer(setup):
+    """HostGroup.snapshot / restore: each host keeps the step's state itself; a host that comes back empty
+    (a new process, as Ray restarts one) takes its peer's snapshot, the other restores its own. With no host
+    holding the snapshot nothing changes and restore says so."""
+    from marl_ray.runtime.host import ModelHost
+
+    cfg, learner = setup["cfg"], setup["learner"]
+    first = setup["two"].hosts[0]
+    second = LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0, host_index=1))
+    for p in learner.policies:
+        second._obj.set_state(p, first._obj.get_state(p))
+    group = HostGroup([first, second], local=True)
+    group.snapshot(7)
+    want = {p: group.checksums(p) for p in learner.policies}
+    fresh = LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0, host_index=1))
+    with torch.no_grad():  # host 0 moves on; host 1 is replaced by a process that holds nothing
+        for t in first._obj.model.policy_state("up").values():
+            t.add_(0.01)
+    group = HostGroup([first, fresh], local=True)
+    assert fresh._obj.snapshot_tags() == [] and group.checksums("up")[0] != want["up"][0]
+    assert group.restore(7) == [1]  # host 1 refilled from host 0; host 0 from its own snapshot
+    assert {p: group.checksums(p) for p in learner.policies} == want
+    assert fresh._obj.snapshot_tags() == [7]
+    alone = HostGroup([LocalHandle(ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=0))],
+                      local=True)
+    before = alone.checksums("up")
+    assert alone.restore(7) is None and alone.checksums("up") == before
+

@@ -584,16 +584,15 @@ def test_a_restarted_host_rejoins_the_group_and_the_step_is_redone_exactly(run, 
     import time
 
     from marl_ray.runtime.handles import get
-    from marl_ray.train import resilience
     from marl_ray.train.loop import Learner
 
     learner = run["learner"]
-    snap = resilience.take_snapshot(learner)
+    start = learner.save_checkpoint()
     s0 = learner.step
     learner.fit(steps=2)
     want = {"sums": learner.checksums(), "metrics": learner.history[-2:], "ledger": learner.ledger[-2:]}
     generation = learner.hosts.generation
-    resilience.recover(learner, snap)  # every actor and the learner back to the state before those steps
+    learner.load_checkpoint(str(start))  # every actor and the learner back to the state before those steps
     assert learner.step == s0 and learner.recoveries == 0
 
     killed, threads, tries = [], [], {}

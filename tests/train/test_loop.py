@@ -60,15 +60,13 @@ def test_advantages_are_per_policy_and_flag_non_finite_rewards(learner):
 def test_a_step_redone_from_the_same_state_is_the_same_step(learner):
     """What recovery relies on: restore the learner, the workers, the hosts' RNG and the policies,
     run the step again, get the same metrics and the same weights, bit for bit."""
-    host = learner.hosts[0]._obj
     state = learner.state()
-    policies = {p: host.get_state(p) for p in learner.policies}
+    learner.hosts.snapshot(learner.step)  # the host keeps the policies' state
     first = learner.run_step()
     sums = {p: learner.hosts.checksums(p) for p in learner.policies}
     ledger = list(learner.ledger)
     learner.set_state(state)
-    for p, st in policies.items():
-        learner.hosts.set_state(p, st)
+    assert learner.hosts.restore(state["step"]) == []  # restored by the host itself, none refilled
     again = learner.run_step()
     assert {p: learner.hosts.checksums(p) for p in learner.policies} == sums
     assert learner.ledger == ledger and learner.step == state["step"] + 1

@@ -170,7 +170,7 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
 
     def on_step(step, metrics):
         learner = seen["learner"]
-        if step == 0:
+        if step == 0 and "host" not in killed:  # one host: the run goes back to its start and redoes step 0
             kill(seen["host"], "host")
         elif step == 2:
             for t in threads:
@@ -194,6 +194,13 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
     assert tries[2] == 3, tries
     assert summary["recoveries"] == 5, caplog.text
     assert "lost while saving step 3 (ActorRestarted)" in caplog.text  # worker 0: caught by its pid alone
+    if hosts == 2:  # host 0 came back empty and took host 1's snapshot, host to host; nothing went back further
+        assert "host(s) [0] refilled with step 1's state from a peer" in caplog.text, caplog.text
+        assert "host(s) [0] refilled with step 2's state from a peer" in caplog.text, caplog.text
+        assert "no host holds" not in caplog.text
+    else:  # the one host held the only copy: back to the run's start (no checkpoint before step 3)
+        assert caplog.text.count("no host holds the state of step") == 2, caplog.text
+        assert "back to the run's start, step 0" in caplog.text
     ru.assert_ledger_clean(summary["ledger"], 4, 4)
     _assert_reproduces(out, summary, baseline)
     pids_now = [h["pid"] for h in summary["hosts"]]
