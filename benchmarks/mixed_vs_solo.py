@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--sft-steps", type=int, default=900)
-    ap.add_argument("--noise", type=float, default=0.5)
+    ap.add_argument("--noise", type=float, default=0.5, help="fraction of SFT answers off by one")
+    ap.add_argument("--base-seed", type=int, default=None,
+                    help="one SFT base (of this seed) for every RL seed; default: a base per seed")
     ap.add_argument("--eval-problems", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--runtime", default="inprocess", choices=("inprocess", "ray"))
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     result = {"args": vars(args), "seeds": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
         t0 = time.perf_counter()
-        base = build_base(out, seed, args.sft_steps, args.noise)
+        base = build_base(out, seed if args.base_seed is None else args.base_seed, args.sft_steps, args.noise)
         prompts = write_jsonl(arithmetic.prompt_rows(len(arithmetic.problems("train")), seed=seed, split="train",
                                                      unique=True), out / f"prompts-{seed}.jsonl")
         rows = arithmetic.prompt_rows(args.eval_problems, seed=seed, split="eval", unique=True)

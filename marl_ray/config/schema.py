@@ -290,7 +290,13 @@ class RunSpec:
     seed: int = opt(0, "Global random seed.", ge=0)
     log_every: int = opt(1, "Log metrics every N steps.", ge=1)
     save_every: int = opt(0, "Save a checkpoint every N steps; 0 = only at the end.", ge=0)
-    resume: Optional[str] = opt(None, "Resume from a checkpoint: 'latest' (of out_dir) or a checkpoint folder.")
+    resume: Optional[str] = opt(None, "Resume from a checkpoint: 'latest' (of out_dir, or of storage when set) or a "
+                                "checkpoint folder.")
+    storage: Optional[str] = opt(
+        None, "Where checkpoints and the trained policies go, written by the model hosts themselves: a path every "
+        "node reaches (local, NFS) or an object store URI through pyarrow.fs (s3://bucket/prefix, gs://..., "
+        "file://...; pyarrow's options after '?'), as Ray Train's storage_path. null = out_dir, with the policies' "
+        "files sent through the driver (for a cluster without shared storage).")
     keep_last: int = opt(2, "Number of most recent checkpoints to keep.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files into out_dir.")
     progress: bool = opt(True, "Show a progress bar.")

@@ -512,6 +512,22 @@ class ModelHost:
             self.save_state(policy, str(folder))
             return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
 
+    def write_policies(self, storage, rel: str, policies: list[str]) -> dict[str, dict[str, int]]:
+        """Write each policy's files (`export_policy`'s) to `storage` (a `marl_ray.storage.Storage`) under
+        rel/policies/NAME, or rel/NAME when rel is "policies" (the run's final export); the files go from
+        this host to the storage. Returns each file's size."""
+        out = {}
+        for p in policies:
+            files = self.export_policy(p)
+            storage.write_files(f"{rel}/{p}" if rel == "policies" else f"{rel}/policies/{p}", files)
+            out[p] = {name: len(data) for name, data in files.items()}
+        return out
+
+    def read_policies(self, storage, rel: str, policies: list[str]) -> dict[str, str]:
+        """Load each policy's weights, value head and optimizer state from a checkpoint in `storage`
+        (rel/policies/NAME), read by this host itself; returns their checksums."""
+        return {p: self.import_policy(p, storage.read_files(f"{rel}/policies/{p}")) for p in policies}
+
     def import_policy(self, policy: str, files: dict[str, bytes]) -> str:
         """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
         import io

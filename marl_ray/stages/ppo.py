@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from marl_ray import console
-from marl_ray.model.adapter_io import atomic_dir
 from marl_ray.config import ConfigError, PPORunConfig, save_config
 from marl_ray.data.prompts import eval_rows, is_conversation
 
@@ -57,6 +56,13 @@ def check_inputs(cfg: PPORunConfig):
         if p.init_from and not Path(p.init_from).expanduser().exists():
             raise ConfigError(f"policies[{i}].init_from: {p.init_from!r} does not exist")
     check_lora_targets(cfg)
+    if cfg.run.storage:  # an unreachable or malformed storage fails here, not at the first checkpoint
+        from marl_ray.storage import Storage
+
+        try:
+            Storage(cfg.run.storage).listdir("checkpoints")
+        except Exception as e:
+            raise ConfigError(f"run.storage: {cfg.run.storage!r} cannot be opened: {e}") from e
     columns: list[str] = []
     if cfg.data.prompts != "embedded":  # a malformed row fails here (named), not inside a rollout worker
         from marl_ray.runtime.rollout import load_prompt_rows
@@ -168,14 +174,9 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
             evaluate_heldout()
         extra["end"] = on_end(learner) if on_end else None
         checkpoint_path = learner.save_checkpoint()
-        saved = {}
-        for p in learner.policies:
-            # The host sends the files; the learner writes them: no shared volume needed on a cluster.
-            files = get(learner.hosts[0].export_policy.remote(p))
-            with atomic_dir(out / "policies" / p) as tmp:
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
-            saved[p] = str(out / "policies" / p)
+        if learner.storage is not None:
+            checkpoint_path = learner.storage.describe(checkpoint_path)
+        saved = learner.export_policies()
         infos = learner.hosts.all("info")
         summary = {
             "policies": {p: learner.history[-1]["metrics"][p] for p in learner.policies},

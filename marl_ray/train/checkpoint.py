@@ -7,14 +7,20 @@
       config.yaml          the run config
       policies/NAME/       plain peft folder + value_head.safetensors + optimizer.pt
 
-The files of each policy come from a host as bytes, so a learner on another node than the
-host needs no shared file system. A crash mid-write leaves only a dot-prefixed temp folder,
-which is never listed and is cleaned up by the next save.
+Two routes. Without `run.storage` the files of each policy come from a host as bytes and the driver
+writes them, so a learner on another node than the host needs no shared file system; a crash
+mid-write leaves only a dot-prefixed temp folder, which is never listed and is cleaned up by the
+next save. With `run.storage` (a path every node reaches, or an object store: `marl_ray.storage`)
+the hosts write their policies' folders themselves and the driver writes state.pt, config.yaml and,
+last, meta.json, which lists every file: a checkpoint is complete when its meta.json is there,
+absent otherwise (object stores have no rename), and the next save removes an incomplete one.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 import shutil
 import time
 from pathlib import Path
@@ -104,3 +110,70 @@ def check_compatible(meta: dict, fingerprint: str, policies: list[str], path: Pa
             f"checkpoint {path} holds policies {have}, the config lists {want}"
             + (f"; not in the checkpoint: {missing}" if missing else "")
             + (f"; not in the config: {extra}" if extra else ""))
+
+
+# ------------------------------------------------------------------ in run.storage, written by the hosts
+def stored_dir(step: int) -> str:
+    return f"checkpoints/{PREFIX}{step:06d}"
+
+
+def list_stored(storage) -> list[str]:
+    """Complete checkpoints in `storage` (their meta.json written), oldest first, as storage paths."""
+    names = [n for n in storage.listdir("checkpoints") if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
+    done = [n for n in names if storage.exists(f"checkpoints/{n}/meta.json")]
+    return [f"checkpoints/{n}" for n in sorted(done, key=lambda n: int(n[len(PREFIX):]))]
+
+
+def begin_stored(storage, step: int) -> str:
+    """The folder of step `step`'s checkpoint, emptied, and incomplete ones (no meta.json) removed."""
+    for n in storage.listdir("checkpoints"):
+        if n.startswith(PREFIX) and not storage.exists(f"checkpoints/{n}/meta.json"):
+            storage.delete(f"checkpoints/{n}")
+    rel = stored_dir(step)
+    storage.delete(rel)
+    return rel
+
+
+def finish_stored(storage, rel: str, step: int, meta: dict, state: dict, config_yaml: str, keep_last: int,
+                  policy_files: dict[str, dict[str, int]]) -> str:
+    """The driver's files, then meta.json (naming every file and its size) last; then the oldest beyond
+    keep_last go (their meta.json first, so a crash mid-delete leaves an incomplete folder, never listed)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write(f"{rel}/state.pt", buf.getvalue())
+    storage.write(f"{rel}/config.yaml", config_yaml.encode())
+    files = {f"policies/{p}/{name}": size for p, names in policy_files.items() for name, size in names.items()}
+    files.update({"state.pt": len(buf.getvalue()), "config.yaml": len(config_yaml.encode())})
+    storage.write(f"{rel}/meta.json", json.dumps({**meta, "step": step, "time": time.time(), "files": files},
+                                                 indent=2).encode())
+    for old in list_stored(storage)[:-keep_last]:
+        storage.delete(f"{old}/meta.json")
+        storage.delete(old)
+    return rel
+
+
+def resolve_stored(storage, which: str) -> str:
+    """'latest', a folder name (step-000012) or a storage path (checkpoints/step-000012)."""
+    if which == "latest":
+        found = list_stored(storage)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {storage.describe('checkpoints')}")
+        return found[-1]
+    rel = which if "/" in which else f"checkpoints/{which}"
+    if not storage.exists(f"{rel}/meta.json"):
+        raise FileNotFoundError(f"--resume {which}: not a complete checkpoint in {storage.describe()} (no meta.json)")
+    return rel
+
+
+def load_stored(storage, rel: str) -> tuple[dict, dict]:
+    """(meta, state) of a stored checkpoint; the hosts read the policies' folders themselves. Every file
+    meta.json lists must be there, at its size."""
+    meta = json.loads(storage.read(f"{rel}/meta.json"))
+    for name, size in meta.get("files", {}).items():
+        got = storage.size(posixpath.join(rel, name))
+        if got != size:
+            raise FileNotFoundError(f"checkpoint {storage.describe(rel)}: {name} is {'missing' if got is None else got}"
+                                    f" where its meta.json lists {size} bytes")
+    state = torch.load(io.BytesIO(storage.read(f"{rel}/state.pt")), map_location="cpu", weights_only=False)
+    return meta, state
+

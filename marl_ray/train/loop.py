@@ -26,6 +26,7 @@ from marl_ray import console
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.seeds import policy_seed
+from marl_ray.storage import Storage
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
 from marl_ray.train import advantages as adv_math
@@ -109,7 +110,8 @@ class Learner:
         self.recoveries = 0  # steps redone after an actor was lost
         self._actor_pids = None  # pids of hosts + workers when their state was last known good (Ray)
         self.start: dict | None = None  # a fresh run's learner state at step 0 (resilience.rewind)
-        self.last_checkpoint: Path | None = None  # the checkpoint this run last wrote or resumed from
+        self.last_checkpoint = None  # the checkpoint this run last wrote or resumed from (resilience.rewind)
+        self.storage = Storage(cfg.run.storage) if cfg.run.storage else None  # checkpoints written by the hosts
         self.ledger: list[dict] = []  # prompt ids consumed per step
         self.history: list[dict] = []
         # with rollout_scored, hosts return the decode steps' logprobs and values
@@ -443,38 +445,84 @@ class Learner:
         self.ledger, self.history = list(state["ledger"]), list(state["history"])
         self.bad_steps, self.skip_count = dict(state["bad_steps"]), dict(state["skip_count"])
 
-    def save_checkpoint(self, state: dict | None = None) -> Path:
-        """Write OUT/checkpoints/step-N atomically (policies from host 0, as bytes). `state`: the
-        learner state to write (default: read now from the learner and the actors)."""
+    def save_checkpoint(self, state: dict | None = None):
+        """Write checkpoint step-N: complete or absent. Without run.storage, the driver writes it to
+        OUT/checkpoints atomically, the policies' files sent by host 0; with run.storage the hosts write
+        their policies' folders there themselves (the policies dealt among them) and the driver its own
+        files and, last, meta.json. `state`: the learner state to write (default: read now from the
+        learner and the actors). Returns the checkpoint's folder (a storage path with run.storage)."""
         import yaml
 
         from marl_ray.config import to_dict
         from marl_ray.train import checkpoint
 
-        files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
         meta = {"base_fingerprint": get(self.hosts[0].info.remote())["fingerprint"], "policies": self.policies}
         state = self.state() if state is None else state
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        if self.storage is None:
+            files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
+            self._check_pids()
+            self.last_checkpoint = checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
+                                                   config_yaml, self.cfg.run.keep_last)
+            return self.last_checkpoint
+        rel = checkpoint.begin_stored(self.storage, state["step"])
+        n = len(self.hosts)
+        dealt = {h: [p for i, p in enumerate(self.policies) if i % n == h] for h in range(min(n, len(self.policies)))}
+        sizes = {}
+        for got in get([self.hosts[h].write_policies.remote(self.storage, rel, ps) for h, ps in dealt.items()]):
+            sizes.update(got)
+        self._check_pids()  # before meta.json: a checkpoint a restarted host wrote stays incomplete
+        self.last_checkpoint = checkpoint.finish_stored(self.storage, rel, state["step"], meta, state, config_yaml,
+                                                        self.cfg.run.keep_last, sizes)
+        return self.last_checkpoint
+
+    def _check_pids(self):
         if self._actor_pids is not None and resilience.pids(self) != self._actor_pids:
             # A restarted host would have exported its initial weights: write nothing.
             raise ActorRestarted(f"an actor was restarted before the checkpoint of step {self.step} was read")
-        self.last_checkpoint = checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
-                                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-                                               self.cfg.run.keep_last)
-        return self.last_checkpoint
 
-    def load_checkpoint(self, which: str) -> Path:
-        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder)."""
+    def load_checkpoint(self, which: str):
+        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder; of
+        run.storage when set, where each host reads the policies' files itself)."""
         from marl_ray.train import checkpoint
 
-        path = checkpoint.resolve(self.cfg.run.out_dir, which)
-        meta, state, files = checkpoint.load(path)
-        checkpoint.check_compatible(meta, get(self.hosts[0].info.remote())["fingerprint"], self.policies, path)
-        for p in self.policies:
-            self.hosts.import_policy(p, files[p], f"loading {path}")
+        fingerprint = get(self.hosts[0].info.remote())["fingerprint"]
+        if self.storage is None:
+            path = checkpoint.resolve(self.cfg.run.out_dir, which)
+            meta, state, files = checkpoint.load(path)
+            checkpoint.check_compatible(meta, fingerprint, self.policies, path)
+            for p in self.policies:
+                self.hosts.import_policy(p, files[p], f"loading {path}")
+        else:
+            path = checkpoint.resolve_stored(self.storage, which)
+            meta, state = checkpoint.load_stored(self.storage, path)
+            checkpoint.check_compatible(meta, fingerprint, self.policies, self.storage.describe(path))
+            sums = self.hosts.all("read_policies", self.storage, path, self.policies)
+            for p in self.policies:
+                self.hosts.agree([s[p] for s in sums], f"policy {p!r}: hosts disagree after loading {path}")
         self.set_state(state)
         self.last_checkpoint = path
-        log.info("resumed from %s (step %d)", path, self.step)
+        log.info("resumed from %s (step %d)", path if self.storage is None else self.storage.describe(path), self.step)
         return path
+
+    def export_policies(self) -> dict[str, str]:
+        """The trained policies as plain peft folders (+ value head, optimizer.pt): OUT/policies/NAME, the files
+        sent by host 0; or, with run.storage, STORAGE/policies/NAME written by the hosts. Returns where."""
+        from marl_ray.model.adapter_io import atomic_dir
+
+        if self.storage is not None:
+            n = len(self.hosts)
+            get([self.hosts[i % n].write_policies.remote(self.storage, "policies", [p])
+                 for i, p in enumerate(self.policies)])
+            return {p: self.storage.describe(f"policies/{p}") for p in self.policies}
+        out, saved = Path(self.cfg.run.out_dir), {}
+        for p in self.policies:
+            files = get(self.hosts[0].export_policy.remote(p))
+            with atomic_dir(out / "policies" / p) as tmp:
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+            saved[p] = str(out / "policies" / p)
+        return saved
 
     # ------------------------------------------------------------ fit
     def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
