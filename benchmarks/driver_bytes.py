@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from marl_ray import console
+
+    console.setup(quiet=True)  # stdout carries the JSON alone
     torch.set_num_threads(1)
     ranks = [int(x) for x in args.ranks.split(",")]
     host_counts = [int(x) for x in args.hosts.split(",")]

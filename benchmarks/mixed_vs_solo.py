@@ -71,7 +71,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--runtime", default="inprocess", choices=("inprocess", "ray"))
     args = ap.parse_args(argv)
+    from marl_ray import console
     from marl_ray.data import arithmetic
+
+    console.setup(quiet=True)  # stdout carries the JSON alone
     from marl_ray.data.arithmetic import sampled_accuracy
     from marl_ray.data.domain import write_jsonl
 

@@ -17,22 +17,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from marl_ray.model import decoding
+from marl_ray.algorithms.ppo import entropy_from_logits, last_token_index, logprobs_from_logits
+from marl_ray.model import decoding, sampling
 from marl_ray.model.adapters import REF, AdapterRegistry
 from marl_ray.model.loading import load_base
+from marl_ray.model.sampling import RolloutScores
 
 log = logging.getLogger(__name__)
 
 def positions(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding, as `generate` uses them. (B, T)"""
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token; right, left or no padding. (B,)"""
-    T = attention_mask_BT.shape[1]
-    flipped = attention_mask_BT.long().flip(-1)
-    return T - 1 - flipped.argmax(-1)
 
 
 def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -81,18 +76,6 @@ class Evaluation:
     FIELDS = ("logprobs_BR", "ref_logprobs_BR", "values_BR", "scores_B", "entropy_BR")  # in field order
 
 
-@dataclass
-class RolloutScores:
-    """The policy's logprobs, values and entropies of sampled tokens, from the decode steps (B, N)."""
-
-    logprobs_BR: torch.Tensor
-    values_BR: torch.Tensor
-    entropy_BR: torch.Tensor
-
-    FIELDS = ("logprobs_BR", "values_BR", "entropy_BR")  # in field order
-
-
-
 class MultiAdapterModel(AdapterRegistry):
     """A frozen base with named policy, reward and reference adapters, and the passes over them."""
 
@@ -101,8 +84,6 @@ class MultiAdapterModel(AdapterRegistry):
         "exact" (the lean loop with HF's arithmetic: HF generate's tokens under the same seed) or "hf".
         passes: "auto" (scoring and training through decoding.LeanLlama where the base allows it) or "hf"."""
         super().__init__(base)
-        from marl_ray.model import sampling
-
         if passes not in ("auto", "hf"):
             raise ValueError(f"passes={passes!r}: use 'auto' or 'hf'")
         self.passes = passes
@@ -185,8 +166,6 @@ class MultiAdapterModel(AdapterRegistry):
         before each response token.
         """
         self._require(name, "policy")
-        from marl_ray.train.ppo import logprobs_from_logits
-
         h_BRH = self.hidden(input_ids_BT, attention_mask_BT, name, keep_from=response_start - 1)[:, :-1]
         logits_BRV = self.lm_logits(h_BRH)
         logprobs_BR = logprobs_from_logits(logits_BRV, input_ids_BT[:, response_start:])
@@ -203,8 +182,6 @@ class MultiAdapterModel(AdapterRegistry):
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids_BT, attention_mask_BT, response_start: int) -> torch.Tensor:
-        from marl_ray.train.ppo import logprobs_from_logits
-
         h = self.hidden(input_ids_BT, attention_mask_BT, REF, keep_from=response_start - 1)[:, :-1]
         return logprobs_from_logits(self.lm_logits(h), input_ids_BT[:, response_start:])
 
@@ -221,8 +198,6 @@ class MultiAdapterModel(AdapterRegistry):
         row for b (its ref logprobs are 0), for an algorithm that does not use them; a batch that
         needs none of the three runs no pass at all.
         """
-        from marl_ray.train.ppo import logprobs_from_logits
-
         B = input_ids_BT.shape[0]
         for p in set(policies):
             self._require(p, "policy")
@@ -288,8 +263,6 @@ class MultiAdapterModel(AdapterRegistry):
     def policy_scores(self, names: list[str], tokens_BN, logits_BNV, hidden_BNH) -> RolloutScores:
         """Row b's logprobs of tokens_BN, values under policy names[b]'s value head, and entropies,
         from the logits and final hidden states of the positions that predict those tokens."""
-        from marl_ray.train.ppo import entropy_from_logits, logprobs_from_logits
-
         logprobs = logprobs_from_logits(logits_BNV, tokens_BN)
         values = torch.empty_like(logprobs)
         for p in set(names):

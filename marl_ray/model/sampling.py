@@ -49,18 +49,27 @@ class SamplingSettings:
 
 
 @dataclass
+class RolloutScores:
+    """The policy's logprobs, values and entropies of sampled tokens, from the decode steps (B, N)."""
+
+    logprobs_BR: torch.Tensor
+    values_BR: torch.Tensor
+    entropy_BR: torch.Tensor
+
+    FIELDS = ("logprobs_BR", "values_BR", "entropy_BR")  # in field order
+
+
+@dataclass
 class Samples:
     """Responses of N prompts, exactly R positions each; positions after an EOS are padding (mask 0)."""
 
     responses: torch.Tensor  # (N, R) long
     response_mask: torch.Tensor  # (N, R) long
-    scores: "object | None" = None  # passes.RolloutScores (N, R) from the decode steps, or None
+    scores: "RolloutScores | None" = None  # RolloutScores (N, R) from the decode steps, or None
 
     @staticmethod
     def cat(parts: "list[Samples]") -> "Samples":
         """The rows of `parts` in order; scores only when every part has them."""
-        from marl_ray.model.passes import RolloutScores
-
         scores = None
         if all(p.scores is not None for p in parts):
             scores = RolloutScores(*(torch.cat([getattr(p.scores, f) for p in parts]) for f in RolloutScores.FIELDS))
@@ -131,8 +140,6 @@ class Sampler:
 
     def _sample_rows(self, model, prompts, policies, settings, seed, pad, eos, min_new):
         """(responses (N, R) padded with `pad`, RolloutScores or None) on the training model."""
-        from marl_ray.model.passes import RolloutScores
-
         R = settings.max_new_tokens
         ids, mask = pad_left(prompts, pad)
         torch.manual_seed(seed)

@@ -25,7 +25,7 @@ from marl_ray.runtime.protocol import (
     Samples, SamplingSettings, TrainResult,
 )
 from marl_ray.seeds import policy_seed
-from marl_ray.train import ppo
+from marl_ray.algorithms import ppo
 
 
 def _rss_mib() -> float:
@@ -343,7 +343,7 @@ class ModelHost:
                      loss_cfg: LossSettings):
         """The clipped surrogate of grpo / rloo / reinforce_pp (no value loss), aggregated by loss_type
         over the whole minibatch's normalisers: this shard's share of the minibatch loss."""
-        from marl_ray.train.algorithms import grpo
+        from marl_ray.algorithms import grpo
 
         dev = self.model.device
         ref = mb.ref_logprobs.to(dev) if (loss_cfg.beta > 0 and mb.ref_logprobs is not None) else None

@@ -74,7 +74,7 @@ class LossSettings:
     cliprange_value: float
     vf_coef: float
     micro_batch_size: int | None = None  # rows per forward/backward chunk; None = the whole shard
-    algorithm: str = "ppo"  # ppo: clipped surrogate + value loss; otherwise critic-free (train/algorithms)
+    algorithm: str = "ppo"  # ppo: clipped surrogate + value loss; otherwise critic-free (marl_ray/algorithms)
     loss_type: str = "dapo"  # critic-free: grpo | dapo | dr_grpo (see algorithms.grpo.aggregate)
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2

@@ -8,7 +8,7 @@ One step reads like the algorithm:
     train(batch, ev, adv)          PPO epochs; each minibatch split over the host group,
                                    gradients summed, the same step on every host
 
-The math lives in `train.ppo`; the hosts behind `runtime.host_group.HostGroup`; what happens
+The math lives in `algorithms.ppo`; the hosts behind `runtime.host_group.HostGroup`; what happens
 when an actor or a node is lost, in `train.resilience`.
 """
 
@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 
 from marl_ray import console
+from marl_ray.algorithms import advantages as adv_math
+from marl_ray.algorithms import ppo
+from marl_ray.algorithms.advantages import PolicyAdvantages
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
-from marl_ray.seeds import policy_seed
-from marl_ray.storage import Storage
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
 from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
-from marl_ray.train import advantages as adv_math
-from marl_ray.train import ppo, resilience
+from marl_ray.seeds import policy_seed
+from marl_ray.storage import Storage
+from marl_ray.train import resilience
 from marl_ray.train import rewards as reward_fns
-from marl_ray.train.advantages import PolicyAdvantages
 from marl_ray.train.resilience import ActorRestarted, HostLost
 from marl_ray.train.rewards import RewardFunctionError
 
@@ -232,7 +233,7 @@ class Learner:
         return total, stats
 
     def advantages(self, batch: Batch, ev: Evaluation) -> dict[str, PolicyAdvantages]:
-        """Per policy: its total reward, then the advantages of its algorithm (train/advantages.py)."""
+        """Per policy: its total reward, then the advantages of its algorithm (algorithms/advantages.py)."""
         totals, reward_stats = self.rewards(batch, ev)
         out = {}
         g = self.cfg.ppo

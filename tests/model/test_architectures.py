@@ -20,7 +20,7 @@ from isolation_utils import check_training_a_isolates
 from marl_ray.data.tiny import ARCHITECTURES
 from marl_ray.model import AdapterError, MultiAdapterModel
 from marl_ray.model import targets as tg
-from marl_ray.train.ppo import logprobs_from_logits
+from marl_ray.algorithms.ppo import logprobs_from_logits
 
 PRECISIONS = {"fp32": ("none", "fp32"), "bf16": ("none", "bf16"), "8bit": ("8bit", "fp32"), "4bit": ("4bit", "fp32")}
 

@@ -17,7 +17,7 @@ from conftest import (
 from isolation_utils import assert_frozen_except_policies, check_training_a_isolates
 from marl_ray.model.adapter_io import META_FILE, AdapterError, base_fingerprint
 from marl_ray.model import MultiAdapterModel
-from marl_ray.train.ppo import entropy_from_logits, logprobs_from_logits
+from marl_ray.algorithms.ppo import entropy_from_logits, logprobs_from_logits
 
 
 def positions(mask_BT):

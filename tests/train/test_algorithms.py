@@ -1,4 +1,4 @@
-"""Tests for marl_ray.train.algorithms: GRPO family, RLOO, REINFORCE++ and the registry.
+"""Tests for marl_ray.algorithms: GRPO family, RLOO, REINFORCE++ and the registry.
 
 Each function is checked against numbers worked out by hand, against a loop version, for
 invariance under padding and row order, and (losses) for shards adding up to the
@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from marl_ray.train.algorithms import ALGORITHMS, Algorithm
-from marl_ray.train.algorithms import reinforce_pp
-from marl_ray.train.algorithms.grpo import (
+from marl_ray.algorithms import ALGORITHMS, Algorithm
+from marl_ray.algorithms import reinforce_pp
+from marl_ray.algorithms.grpo import (
     LOSS_TYPES,
     aggregate,
     combine_stats,
@@ -24,7 +24,7 @@ from marl_ray.train.algorithms.grpo import (
     normalisers,
     per_token_loss,
 )
-from marl_ray.train.algorithms.rloo import rloo_advantages, rloo_advantages_reference
+from marl_ray.algorithms.rloo import rloo_advantages, rloo_advantages_reference
 
 EPS = 1e-4
 
@@ -695,10 +695,10 @@ def test_registry():
 
 
 def test_production_reinforce_pp_advantages_are_the_modules():
-    """The learner's advantages of a reinforce_pp policy (train/advantages.py) are reinforce_pp.compute_advantages
+    """The learner's advantages of a reinforce_pp policy (algorithms/advantages.py) are reinforce_pp.compute_advantages
     on the policy's rows: the module the tests above check is the one production runs."""
     from marl_ray.config.schema import PolicySpec
-    from marl_ray.train import advantages as adv_math
+    from marl_ray.algorithms import advantages as adv_math
 
     gen = torch.Generator().manual_seed(3)
     B, T = 6, 5

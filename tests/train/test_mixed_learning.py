@@ -9,10 +9,12 @@ the held-out sampled exact-match accuracy after RL minus before, measured apart 
 
 Tolerance. Fed the same rows a policy takes the same updates beside another policy as alone
 (tests/train/test_mixed_invariance.py); what a mixed run may still change is the random numbers its
-rows draw in the shared decode. Over seeds, that moves a policy's gain by a few points either way
-(benchmarks/mixed_vs_solo.py, docs/RESULTS.md), while the defect this guards against kept a third of
-the solo gain. So each policy must keep at least 60% of its solo gain and lose at most MARGIN of it in
-absolute terms, and alone it must gain at least 0.1 (the test is not vacuous).
+rows draw in the shared decode. Over seeds that moves a policy's gain by a few points either way
+(benchmarks/mixed_vs_solo.py, docs/RESULTS.md): over four seeds of a 60-step run, an RLOO policy's
+held-out gain beside a GRPO policy minus its gain alone ranged from -0.09 to +0.06 (gains of
+0.26-0.39; standard deviation of the difference 0.07, about a fifth of the gain). So each policy must keep at least 60% of its solo gain beside the other
+(about two such deviations below it; a policy that keeps a third of its gain fails), and alone it must
+gain at least 0.1 (the test is not vacuous).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-#: The most a policy's held-out gain beside another policy may fall short of its solo gain.
-MARGIN = 0.08
+#: The share of its solo gain a policy must keep beside a policy of another algorithm.
+KEPT = 0.6
 STEPS = 15
 EVAL_PROBLEMS = 128
 
@@ -80,4 +82,4 @@ def test_each_policy_of_a_mixed_run_gains_about_what_it_gains_alone(task):
         gains[name] = {"mixed": acc(mixed / name) - before, "solo": acc(solo / name) - before}
     for name, g in gains.items():
         assert g["solo"] >= 0.1, (name, g, before)
-        assert g["mixed"] >= g["solo"] - MARGIN and g["mixed"] >= 0.6 * g["solo"], (name, g, before)
+        assert g["mixed"] >= KEPT * g["solo"], (name, g, before)

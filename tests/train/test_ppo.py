@@ -1,11 +1,11 @@
-"""Tests for marl_ray.train.ppo: numbers derived by hand, cross-checks and mask invariance."""
+"""Tests for marl_ray.algorithms.ppo: numbers derived by hand, cross-checks and mask invariance."""
 
 import math
 
 import pytest
 import torch
 
-from marl_ray.train.ppo import (
+from marl_ray.algorithms.ppo import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,

@@ -3,7 +3,7 @@
 Each of a prompt's G completions is baselined by the mean reward of the *other* G - 1:
 A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) * (r_i - mean). The loss is the
 GRPO-family clipped surrogate on these per-sequence advantages
-(:func:`marl_ray.train.algorithms.grpo.per_token_loss` and ``aggregate``).
+(:func:`marl_ray.algorithms.grpo.per_token_loss` and ``aggregate``).
 
 TRL 1.16's ``RLOOTrainer`` computes the same advantages (nan rewards left out of the
 baseline, a row with no scorable sibling gets 0) but uses a sequence-level importance ratio
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from marl_ray.train.algorithms.grpo import group_index, group_sum
+from marl_ray.algorithms.grpo import group_index, group_sum
 
 
 def rloo_advantages(

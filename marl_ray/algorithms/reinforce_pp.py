@@ -6,7 +6,7 @@ reverse cumulative sum of those rewards (gamma = 1 by default); the advantage is
 whitened over *all real tokens of the batch* (one global mean and std, no per-prompt
 baseline). The policy loss is the PPO clipped surrogate with these (B, T) advantages.
 
-Shapes and masking as in :mod:`marl_ray.train.ppo`: B = batch, T = completion length,
+Shapes and masking as in :mod:`marl_ray.algorithms.ppo`: B = batch, T = completion length,
 ``mask_BT`` 1 on real tokens; padding is read through ``torch.where``. Advantages need the
 whole batch (global whitening): compute them where the whole batch is (the learner), then
 shard; :func:`policy_loss` takes the minibatch's normalisers so shard losses add up.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from marl_ray.train import ppo
-from marl_ray.train.algorithms import grpo
+from marl_ray.algorithms import ppo
+from marl_ray.algorithms import grpo
 
 
 def token_rewards(
@@ -31,7 +31,7 @@ def token_rewards(
 
     scores_B: (B,); logprobs_BT (the rollout policy's), ref_logprobs_BT, mask_BT: (B, T).
     Returns (rewards_BT, kl_BT), both 0 on padding; a row with an empty mask gets nothing.
-    The same as :func:`marl_ray.train.ppo.rewards_with_kl` with the k1 ("kl") estimator.
+    The same as :func:`marl_ray.algorithms.ppo.rewards_with_kl` with the k1 ("kl") estimator.
     """
     return ppo.rewards_with_kl(scores_B, logprobs_BT, ref_logprobs_BT, mask_BT, kl_coef, kind="kl")
 
@@ -78,7 +78,7 @@ def advantages(returns_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Returns whitened over all real tokens of the batch: (G - mean) / sqrt(var + 1e-8).
 
     returns_BT, mask_BT: (B, T) of the *whole* batch. One masked mean and unbiased masked
-    variance over every real token (:func:`marl_ray.train.ppo.masked_whiten`). Returns
+    variance over every real token (:func:`marl_ray.algorithms.ppo.masked_whiten`). Returns
     (B, T), 0 on padding.
     """
     return ppo.masked_whiten(returns_BT, mask_BT)
@@ -119,11 +119,11 @@ def policy_loss(
 
     logprobs_BT (carries grad), old_logprobs_BT, advantages_BT, mask_BT: (B, T) rows of
     this shard; the normalisers are the whole minibatch's, as in
-    :func:`marl_ray.train.algorithms.grpo.aggregate`. The default ``"dapo"`` is the token
+    :func:`marl_ray.algorithms.grpo.aggregate`. The default ``"dapo"`` is the token
     mean over the minibatch (OpenRLHF's REINFORCE++); it needs ``n_tokens``. Returns
     (0-dim loss, stats) with the summable stats of ``grpo.per_token_loss``.
 
-    :func:`marl_ray.train.ppo.policy_loss` computes the same surrogate but as a mean over
+    :func:`marl_ray.algorithms.ppo.policy_loss` computes the same surrogate but as a mean over
     the tokens it is given, which is not additive over shards; hence this wrapper.
     """
     loss_BT, stats = grpo.per_token_loss(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,

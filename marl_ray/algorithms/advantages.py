@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from marl_ray.train import ppo
-from marl_ray.train.algorithms import grpo, reinforce_pp, rloo
+from marl_ray.algorithms import ppo
+from marl_ray.algorithms import grpo, reinforce_pp, rloo
 
 
 @dataclass
