@@ -1,48 +1,39 @@
 """ModelHost: the one process per node that holds the (quantized) base and every adapter.
 
-A plain class; `placement.py` turns it into a Ray actor. Its interface follows the primitives
-Tinker made familiar, each taking the adapter name: `sample`, `evaluate`, `forward_backward`
-(LoRA gradients of a minibatch), `optim_step`, `get_state`/`set_state`, `export_policy`/
-`import_policy`. Arguments and results are the typed messages of `protocol.py`.
+A thin actor (`placement.py` makes it a Ray actor) over parts with one concern each:
+
+- sampling and scoring on the shared base (here: `sample`, `evaluate`, `score_kept`);
+- `rows.KeptRowStore`: the rows it sampled and keeps, their scores and advantages, rows lent;
+- `trainer.PolicyTrainer`, one per policy: loss, gradients, optimizer, state, snapshots, files;
+- `membership.GroupMember`: its place in the hosts' process group and the sums taken there;
+- `diagnostics`: memory, copies of the base, checksums of frozen parts.
+
+Arguments and results are the typed messages of `protocol.py`.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
+import copy
 import math
 import os
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from marl_ray.model import tweaks
-from marl_ray.model.adapter_io import ADAPTER_WEIGHTS, VALUE_HEAD_FILE
+from marl_ray.model import sampling, tweaks
+from marl_ray.model.sampling import RolloutScores
+from marl_ray.runtime import diagnostics
+from marl_ray.runtime.membership import GroupMember
 from marl_ray.runtime.protocol import (
-    EvalRequest, Evaluation, Gradients, KeptRows, KeptScoring, LossSettings, Minibatch, PolicyState, RolloutScores,
-    Samples, SamplingSettings, TrainResult,
+    EvalRequest, Evaluation, Gradients, KeptRows, KeptScoring, LossSettings, Minibatch, PolicyState, Samples,
+    SamplingSettings, TrainResult,
 )
+from marl_ray.runtime.rows import KeptRowStore, RowsLost
+from marl_ray.runtime.trainer import KEEP_SNAPSHOTS, PolicyTrainer, SnapshotMissing, stat_keys
 from marl_ray.seeds import policy_seed
-from marl_ray.algorithms import ppo
 
-
-def _rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+__all__ = ["ModelHost", "RowsLost", "SnapshotMissing", "KEEP_SNAPSHOTS"]
 
 
 class ModelHost:
@@ -55,21 +46,12 @@ class ModelHost:
         tweaks.quiet_known_warnings()  # this process is the host's own (on Ray): its console is the driver's
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
-        import transformers  # noqa: F401  (imported before the baseline reading)
         from peft import LoraConfig
 
-        from marl_ray.model import sampling
         from marl_ray.model.passes import MultiAdapterModel
 
-        self.baseline_rss_mib = _rss_mib()  # after imports, before the model: what the run itself costs
-
+        self.baseline_rss_mib = diagnostics.rss_mib()  # after imports, before the model: what the run costs
         self.host_index = host_index
-        self.group = None  # collective.Group: this host's member of the hosts' process group, once formed
-        self.kept: dict[str, dict] = {}  # learner token -> {"kept": rollout id, worker: (prompts, policies, Samples)}
-        self.tables: dict[str, Minibatch] = {}  # learner token -> its scored rows of the last step scored here
-        self._rendezvous = None  # host 0: the store server of the group being formed
-        # step -> {policy: PolicyState}: the states a failed step is rolled back to (the newest KEEP_SNAPSHOTS)
-        self._snapshots: dict[int, dict] = {}
         # low_memory: this process owns its memory (see model/tweaks.py)
         self.model = MultiAdapterModel.from_pretrained(
             model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
@@ -77,7 +59,7 @@ class ModelHost:
         for r in rewards:
             if r.path is not None:  # reward functions run in the learner, not here
                 self.model.add_reward(r.name, r.path)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.trainers: dict[str, PolicyTrainer] = {}
         for p in policies:
             if p.init_from:
                 self.model.load_policy(p.name, p.init_from, value_head=p.critic)
@@ -88,8 +70,9 @@ class ModelHost:
                 # Same seed on every host: replicas start identical; seeded by the policy's name, so a
                 # policy starts alike alone or beside others
                 self.model.add_policy(p.name, cfg, seed=policy_seed(seed, p.name, "init"), value_head=p.critic)
-            self.optimizers[p.name] = torch.optim.AdamW(
-                self.model.policy_parameters(p.name), lr=p.lr, eps=1e-8, weight_decay=0.0)
+            self.trainers[p.name] = PolicyTrainer(self.model, p.name, p.lr)
+        self.rows = KeptRowStore(host_index)
+        self.member = GroupMember(host_index, self.model.device)
         self.sampler = self.model.sampler  # rollouts on the training model; or a vLLM engine:
         if generation.backend == "vllm":
             self.sampler = sampling.VLLM(self._start_engine(model, policies, generation, seed))
@@ -117,26 +100,24 @@ class ModelHost:
         """The vLLM engine, or None when rollouts run on the training model."""
         return getattr(self.sampler, "engine", None)
 
-    # ------------------------------------------------------------ info
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {p: t.optimizer for p, t in self.trainers.items()}
+
+    # ------------------------------------------------------------ diagnostics
     def pid(self) -> int:
         """This process's id: cheap; a host Ray restarted has another (the learner checks it each step)."""
         return os.getpid()
 
     def info(self) -> dict:
         """A report of this host (JSON-serialisable: it goes into the run summary)."""
-        try:
-            import ray
-
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        except ImportError:
-            node = "local"
         return {
-            "host_index": self.host_index, "pid": os.getpid(), "node_id": node,
+            "host_index": self.host_index, "pid": os.getpid(), "node_id": diagnostics.node_id(),
             "fingerprint": self.model.fingerprint, "quantization": self.model.quantization,
             "policies": self.model.policies, "rewards": self.model.rewards,
             "base_params": sum(p.numel() for p in self.model.base.parameters()),
-            "rss_mib": _rss_mib(), "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": self.baseline_rss_mib,
-            "base_copies": self.base_copies(),
+            "rss_mib": diagnostics.rss_mib(), "peak_rss_mib": diagnostics.peak_rss_mib(),
+            "baseline_rss_mib": self.baseline_rss_mib, "base_copies": self.base_copies(),
             "torch_threads": torch.get_num_threads(), "device": str(self.model.device),
             "sampler": self.sampler.name,
             "generation_backend": "vllm" if self.engine is not None else "hf",
@@ -145,10 +126,24 @@ class ModelHost:
 
     def base_copies(self) -> int:
         """How many tensors in this process hold the base's embedding matrix (1 = one base)."""
-        emb = self.model.base.get_input_embeddings().weight
-        ptrs = {t.untyped_storage().data_ptr() for t in _live_tensors()
-                if t.shape == emb.shape and t.dtype == emb.dtype and t.device == emb.device and torch.equal(t, emb)}
-        return len(ptrs)
+        return diagnostics.base_copies(self.model)
+
+    def role_checksum(self, name: str) -> str:
+        """sha256 of adapter `name`'s LoRA tensors and head, bit-exact: an adapter left untouched by training."""
+        return diagnostics.role_checksum(self.model, name)
+
+    def base_checksum(self) -> str:
+        """sha256 of every base parameter and buffer (LoRA weights excluded), bit-exact."""
+        return diagnostics.base_checksum(self.model)
+
+    def checksum(self, policy: str) -> str:
+        """sha256 of every trainable tensor of `policy` (LoRA + value head), in name order."""
+        return self.trainers[policy].checksum()
+
+    def fingerprints(self, policies: list[str]) -> dict[str, str]:
+        """Each policy's tensors reduced where they live (`PolicyTrainer.fingerprint`): the learner
+        compares the replicas' once a step."""
+        return {p: self.trainers[p].fingerprint() for p in policies}
 
     # ------------------------------------------------------------ sample
     @torch.no_grad()
@@ -165,11 +160,7 @@ class ModelHost:
         dropped."""
         out = self._sample(prompts, policies, settings, seed)
         if keep is not None:
-            token, kept, worker = keep
-            parts = self.kept.get(token)
-            if parts is None or parts["kept"] != kept:
-                parts = self.kept[token] = {"kept": kept}
-            parts[worker] = (list(prompts), list(policies), out)
+            self.rows.keep(*keep, prompts, policies, out)
         return out
 
     def _sample(self, prompts, policies, settings: SamplingSettings, seed: int) -> Samples:
@@ -185,71 +176,7 @@ class ModelHost:
         return Samples.cat([self.sampler.sample(self.model, prompts[lo:lo + k], policies[lo:lo + k], settings, seed + i)
                             for i, lo in enumerate(range(0, len(prompts), k))])
 
-    # ------------------------------------------------------------ rows kept here
-    @torch.no_grad()
-    def score_kept(self, req: KeptScoring) -> Evaluation:
-        """`evaluate` of the rows this host sampled and kept (req.workers' parts of rollout req.kept, in
-        that order: prompts left-padded to their longest), which it then keeps with their scores as the
-        learner's table for the step's updates. Only the scores go back; the rows stay here."""
-        from marl_ray.model.sampling import pad_left
-
-        parts = self.kept.get(req.token)
-        missing = [w for w in req.workers if parts is None or parts["kept"] != req.kept or w not in parts]
-        if missing:
-            raise RowsLost(f"host {self.host_index} keeps no rows of rollout {req.kept} from rollout workers "
-                           f"{missing} (was it restarted, or did a later rollout replace them?)")
-        got = [parts[w] for w in req.workers]
-        prompts = [p for g in got for p in g[0]]
-        policies = [p for g in got for p in g[1]]
-        samples = Samples.cat([g[2] for g in got])
-        ids, mask = pad_left(prompts, 0)
-        resp, rmask, roll = samples.responses, samples.response_mask, samples.scores if req.rollout else None
-        input_ids, attention_mask, P = torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1]
-        ev = self.evaluate(EvalRequest(input_ids, attention_mask, policies, req.rewards, P, roll, req.reference,
-                                       req.chunk))
-        zeros = torch.zeros(rmask.shape)
-        self.tables[req.token] = Minibatch(input_ids, attention_mask, P, rmask, ev.logprobs_BR, ev.values_BR, zeros,
-                                           zeros, ev.ref_logprobs_BR)
-        return ev
-
-    def keep_advantages(self, token: str, advantages_BR: torch.Tensor, returns_BR: torch.Tensor,
-                        mask_BR: torch.Tensor):
-        """The step's advantages, returns and update masks of the rows this host keeps (in their order)."""
-        t = self._table(token)
-        if advantages_BR.shape != t.mask.shape:
-            raise ValueError(f"advantages {tuple(advantages_BR.shape)} for {tuple(t.mask.shape)} kept rows")
-        t.advantages, t.returns, t.mask = advantages_BR, returns_BR, mask_BR
-
-    def kept_rows(self, token: str, idx: list[int]) -> Minibatch:
-        """Rows idx of the rows this host keeps for learner `token`, as a Minibatch."""
-        return self._table(token).take(idx)
-
-    def lend_rows(self, token: str, idx: list[int]) -> list:
-        """`kept_rows` for another host, put in the object store by this host: the list holds a
-        reference owned here, so the rows go from this host to the one that reads them (not through
-        the caller, which gets the reference alone)."""
-        import ray
-
-        return [ray.put(self.kept_rows(token, idx))]
-
-    def _table(self, token: str) -> Minibatch:
-        if token not in self.tables:
-            raise RowsLost(f"host {self.host_index} keeps no scored rows for this learner (was it restarted?): "
-                           "the step must be redone")
-        return self.tables[token]
-
-    def _rows(self, mb: "Minibatch | KeptRows | None") -> "Minibatch | None":
-        """A minibatch shard as tensors: given, or assembled from kept rows and rows lent by other hosts."""
-        if not isinstance(mb, KeptRows):
-            return mb
-        from marl_ray.runtime.handles import get
-
-        pieces = [self.kept_rows(mb.token, mb.own)] if mb.own else []
-        for b in (get(list(mb.borrowed)) if mb.borrowed else []):
-            pieces.append(get(b[0]) if isinstance(b, list) else b)  # lend_rows' reference, or the rows
-        return Minibatch.cat(pieces) if pieces else None
-
-    # ------------------------------------------------------------ evaluate
+    # ------------------------------------------------------------ score
     @torch.no_grad()
     def evaluate(self, req: EvalRequest) -> Evaluation:
         """Policy logprobs + values, reference logprobs, reward scores of a batch, one pass.
@@ -274,141 +201,59 @@ class ModelHost:
         return Evaluation(*(t.cpu() for t in (ev.logprobs_BR, ev.ref_logprobs_BR, ev.values_BR, ev.scores_B,
                                                 ev.entropy_BR)))
 
+    @torch.no_grad()
+    def score_kept(self, req: KeptScoring) -> Evaluation:
+        """`evaluate` of the rows this host sampled and kept (req.workers' parts of rollout req.kept, in
+        that order: prompts left-padded to their longest), which it then keeps with their scores as the
+        learner's table for the step's updates. Only the scores go back; the rows stay here."""
+        input_ids, attention_mask, P, policies, samples = self.rows.rows_of(req.token, req.kept, req.workers)
+        ev = self.evaluate(EvalRequest(input_ids, attention_mask, policies, req.rewards, P,
+                                       samples.scores if req.rollout else None, req.reference, req.chunk))
+        zeros = torch.zeros(samples.response_mask.shape)
+        self.rows.set_table(req.token, Minibatch(input_ids, attention_mask, P, samples.response_mask, ev.logprobs_BR,
+                                                 ev.values_BR, zeros, zeros, ev.ref_logprobs_BR))
+        return ev
+
+    # ------------------------------------------------------------ rows kept here
+    def keep_advantages(self, token: str, advantages_BR: torch.Tensor, returns_BR: torch.Tensor,
+                        mask_BR: torch.Tensor):
+        """The step's advantages, returns and update masks of the rows this host keeps (in their order)."""
+        self.rows.keep_advantages(token, advantages_BR, returns_BR, mask_BR)
+
+    def kept_rows(self, token: str, idx: list[int]) -> Minibatch:
+        """Rows idx of the rows this host keeps for learner `token`, as a Minibatch."""
+        return self.rows.take(token, idx)
+
+    def lend_rows(self, token: str, idx: list[int]) -> list:
+        """`kept_rows` for another host, as a reference this host put (host to host, not via the caller)."""
+        return self.rows.lend(token, idx)
+
     # ------------------------------------------------------------ train
     def forward_backward(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float,
                          loss: LossSettings) -> Gradients:
-        """LoRA + value-head gradients of this shard's share of a minibatch's PPO loss.
+        """LoRA + value-head gradients of this shard's share of a minibatch's loss (on the CPU).
 
-        The loss is scaled by shard_tokens / total_tokens, so summing the hosts' gradients
-        gives exactly the gradient of the whole minibatch's token-mean loss. With
-        loss.micro_batch_size the shard runs in chunks of that many rows, each scaled the
-        same way, and their gradients and stats are summed here.
-        """
-        g = self._shard_gradients(policy, mb, total_tokens, loss)
+        The loss is scaled by the whole minibatch's normalisers, so summing the hosts' gradients gives
+        exactly the gradient of the minibatch's loss. With loss.micro_batch_size the shard runs in
+        chunks of that many rows, each scaled the same way, and their gradients and stats are summed."""
+        g = self.trainers[policy].gradients(self.rows.assemble(mb), total_tokens, loss)
         return Gradients({k: v.cpu() for k, v in g.grads.items()}, g.stats)
 
-    def _shard_gradients(self, policy: str, mb: "Minibatch | KeptRows | None", total_tokens: float,
-                         loss: LossSettings) -> Gradients:
-        """This host's shard's gradients and stats; zeros when it has no rows of the minibatch (it still
-        takes part in the sums)."""
-        keys = _stat_keys(loss)
-        mb = self._rows(mb)
-        if mb is None or not len(mb):
-            return Gradients({k: torch.zeros_like(p) for k, p in self.model.policy_state(policy).items()},
-                             {k: 0.0 for k in keys})
-        g = self._gradients(policy, mb, total_tokens, loss)
-        if set(g.stats) != set(keys):
-            raise RuntimeError(f"statistics {sorted(g.stats)} are not the expected {keys}")
-        return g
-
-    def _gradients(self, policy: str, mb: Minibatch, total_tokens: float, loss: LossSettings) -> Gradients:
-        """forward_backward's gradients (on the model's device) and stats."""
-        n = len(mb)
-        step = loss.micro_batch_size or n
-        trainable = self.model.policy_state(policy)
-        grads, stats = None, None
-        for lo in range(0, n, step):
-            g, s = self._forward_backward(policy, trainable, mb.chunk(lo, lo + step), total_tokens, loss)
-            grads = g if grads is None else {k: grads[k].add_(g[k]) for k in grads}
-            stats = s if stats is None else {k: stats[k] + s[k] for k in stats}
-        return Gradients({k: g.detach() for k, g in grads.items()}, stats)
-
-    def _forward_backward(self, policy: str, trainable: dict, mb: Minibatch, total_tokens: float,
-                          loss_cfg: LossSettings):
-        dev = self.model.device
-        mask = mb.mask.to(dev).float()
-        logprobs, values, logits = self.model.policy_forward(
-            policy, mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_start)
-        if loss_cfg.algorithm != "ppo":
-            return self._critic_free(trainable, mb, logprobs, logits, mask, total_tokens, loss_cfg)
-        pg, pg_stats = ppo.policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
-                                       cliprange=loss_cfg.cliprange)
-        vf, vf_stats = ppo.value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask,
-                                      cliprange_value=loss_cfg.cliprange_value)
-        share = float(mask.sum()) / total_tokens
-        loss = (pg + loss_cfg.vf_coef * vf) * share
-        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
-        with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
-        pg, vf = pg.detach(), vf.detach()
-        stats = {"loss/policy": float(pg) * share, "loss/value": float(vf) * share,
-                 "policy/approxkl": float(pg_stats["approxkl"]) * share,
-                 "policy/clipfrac": float(pg_stats["clipfrac"]) * share,
-                 "val/clipfrac": float(vf_stats["vf_clipfrac"]) * share,
-                 "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
-        return grads, stats
-
-    def _critic_free(self, trainable: dict, mb: Minibatch, logprobs, logits, mask, total_tokens: float,
-                     loss_cfg: LossSettings):
-        """The clipped surrogate of grpo / rloo / reinforce_pp (no value loss), aggregated by loss_type
-        over the whole minibatch's normalisers: this shard's share of the minibatch loss."""
-        from marl_ray.algorithms import grpo
-
-        dev = self.model.device
-        ref = mb.ref_logprobs.to(dev) if (loss_cfg.beta > 0 and mb.ref_logprobs is not None) else None
-        per_token, st = grpo.per_token_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
-                                            loss_cfg.epsilon_low, loss_cfg.epsilon_high, ref_logprobs_BT=ref,
-                                            beta=loss_cfg.beta)
-        loss = grpo.aggregate(per_token, mask, loss_cfg.loss_type, n_seqs=loss_cfg.n_seqs, n_tokens=total_tokens,
-                              max_len=loss_cfg.max_len)
-        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-        grads = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(trainable.items(), grads)}
-        with torch.no_grad():
-            entropy = (ppo.entropy_from_logits(logits) * mask).sum()
-        # every statistic as this shard's share of the minibatch's token mean: the hosts' shares add up
-        stats = {"loss/policy": float(loss.detach()), "policy/entropy": float(entropy) / total_tokens,
-                 "policy/clipfrac": float(st["clip_region_sum"]) / total_tokens,
-                 "policy/clipfrac_low": float(st["clip_low_sum"]) / total_tokens,
-                 "policy/clipfrac_high": float(st["clip_high_sum"]) / total_tokens,
-                 "val/ratio": float(st["ratio_sum"]) / total_tokens}
-        if ref is not None:
-            stats["policy/kl_k3"] = float(st["kl_sum"]) / total_tokens
-        return grads, stats
+    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None):
+        """Apply one optimizer step from (summed) gradients."""
+        self.trainers[policy].step(grads, max_grad_norm)
 
     def train_minibatch(self, policy: str, mb: Minibatch | KeptRows, total_tokens: float, loss: LossSettings,
                         max_grad_norm: float | None) -> TrainResult:
         """forward_backward + optim_step in one call, for a group of this one host: the gradients
         never leave the host. Nothing is applied (weights and optimizer state untouched) when a
         gradient or a stat is not finite."""
-        g = self._gradients(policy, self._rows(mb), total_tokens, loss)
-        finite = all(bool(torch.isfinite(t).all()) for t in g.grads.values()) and all(
-            math.isfinite(v) for v in g.stats.values())
+        trainer = self.trainers[policy]
+        g = trainer.gradients(self.rows.assemble(mb), total_tokens, loss)
+        finite = _finite(g.grads, g.stats)
         if finite:
-            self.optim_step(policy, g.grads, max_grad_norm)
+            trainer.step(g.grads, max_grad_norm)
         return TrainResult(g.stats, finite)
-
-    # ------------------------------------------------------------ collective (host to host)
-    def open_rendezvous(self, world: int, timeout_s: float) -> tuple[str, int]:
-        """Host 0, before a group forms: a TCPStore server on this node's address (the one Ray gives
-        it) and a free port; returns (address, port) for every host's `join_group`."""
-        from marl_ray.runtime import collective
-
-        self._rendezvous = collective.Rendezvous(collective.node_address(), world, timeout_s)
-        return self._rendezvous.address, self._rendezvous.port
-
-    def join_group(self, rank: int, world: int, address: str, port: int, generation: int, backend: str,
-                   timeout_s: float) -> int:
-        """Become rank `rank` of generation `generation` of the hosts' process group (any older group of
-        this host is dropped). Returns this process's id (the group holds for these processes only)."""
-        from marl_ray.runtime import collective
-
-        self.group = None
-        rendezvous, self._rendezvous = (self._rendezvous, None) if rank == 0 else (None, None)
-        if rank == 0 and rendezvous is None:
-            raise RuntimeError("host 0 has no open rendezvous (was it restarted?): form the group again")
-        self.group = collective.Group(rank, world, address, port, generation,
-                                      collective.resolve_backend(backend, self.model.device), timeout_s,
-                                      rendezvous=rendezvous, device=self.model.device)
-        self.group.barrier()  # every member is connected before the first gradient
-        return os.getpid()
-
-    def leave_group(self):
-        self.group = None
-
-    def group_state(self) -> tuple[int, int]:
-        """(this process's id, the generation of its group; 0: none)."""
-        return os.getpid(), 0 if self.group is None else self.group.generation
 
     def train_collective(self, policy: str, mb: Minibatch | KeptRows | None, total_tokens: float, loss: LossSettings,
                          max_grad_norm: float | None, generation: int, comm_dtype: str = "fp32",
@@ -416,188 +261,63 @@ class ModelHost:
         """One minibatch update of `policy` summed among the hosts: this host's shard's gradients (zeros
         when it has no rows), an allreduce of the gradients (in buckets) and of the statistics, and the
         same optimizer step on every host. Only the statistics go back to the caller (the replicas are
-        compared once a step, `fingerprints`).
-        Nothing is applied anywhere when a summed gradient or statistic is not finite (every host sees
-        the same sums, so every host decides alike)."""
-        if self.group is None or self.group.generation != generation:
-            raise RuntimeError(f"host {self.host_index} is not in the hosts' group generation {generation} "
-                               f"(it has {None if self.group is None else self.group.generation}): form it again")
-        keys = _stat_keys(loss)
-        g = self._shard_gradients(policy, mb, total_tokens, loss)
-        grads, stats = g.grads, g.stats
-        names = list(grads)
-        self.group.allreduce_([grads[k] for k in names], comm_dtype, bucket_bytes)
-        stats = dict(zip(keys, self.group.allreduce_values([float(stats[k]) for k in keys])))
-        finite = all(bool(torch.isfinite(t).all()) for t in grads.values()) and all(
-            math.isfinite(v) for v in stats.values())
-        if not finite:
+        compared once a step, `fingerprints`). Nothing is applied anywhere when a summed gradient or
+        statistic is not finite (every host sees the same sums, so every host decides alike)."""
+        trainer = self.trainers[policy]
+        g = trainer.gradients(self.rows.assemble(mb), total_tokens, loss)
+        stats = self.member.sum(g.grads, g.stats, stat_keys(loss), generation, comm_dtype, bucket_bytes)
+        if not _finite(g.grads, stats):
             return TrainResult(stats, False)
-        self.optim_step(policy, grads, max_grad_norm)
+        trainer.step(g.grads, max_grad_norm)
         return TrainResult(stats, True)
 
-    def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None):
-        """Apply one optimizer step from (summed) gradients."""
-        params = self.model.policy_state(policy)
-        for k, p in params.items():
-            p.grad = grads[k].to(p.device, p.dtype)
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-        opt = self.optimizers[policy]
-        for group in opt.param_groups:
-            # torch picks the per-tensor loop on CPU by default; the multi-tensor (foreach) kernels
-            # compute the same update (bit for bit) with a fraction of the calls.
-            if group.get("foreach") is None and not group.get("fused"):
-                group["foreach"] = True
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # ------------------------------------------------------------ the hosts' group
+    def open_rendezvous(self, world: int, timeout_s: float) -> tuple[str, int]:
+        """Host 0, before a group forms: a TCPStore server on this node's address (the one Ray gives
+        it) and a free port; returns (address, port) for every host's `join_group`."""
+        return self.member.open_rendezvous(world, timeout_s)
 
-    @torch.no_grad()
-    def fingerprints(self, policies: list[str]) -> dict[str, str]:
-        """A fingerprint of each policy's trainable tensors, reduced where they live (no copy leaves the
-        device): per tensor, in name order, the sum of its raw bits read as integers and their sum weighted
-        by position, in wrapping int64. Replicas that agree bit for bit give the same fingerprint; any
-        changed bit changes it (save for a chance collision). The learner compares them once a step."""
-        out = {}
-        for policy in policies:
-            acc = []
-            for k, v in sorted(self.model.policy_state(policy).items()):
-                t = v.detach().contiguous().reshape(-1)
-                bits = t.view(_INT_OF_SIZE[t.element_size()]).long()
-                pos = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64).mul_(0x9E3779B1)
-                acc.append(torch.stack([bits.sum(), (bits * pos).sum()]))
-            out[policy] = "".join(f"{x & (2**64 - 1):016x}" for x in torch.stack(acc).sum(0).tolist())
-        return out
+    def join_group(self, rank: int, world: int, address: str, port: int, generation: int, backend: str,
+                   timeout_s: float) -> int:
+        """Become rank `rank` of generation `generation` of the hosts' process group (any older group of
+        this host is dropped). Returns this process's id (the group holds for these processes only)."""
+        return self.member.join(rank, world, address, port, generation, backend, timeout_s)
 
-    def checksum(self, policy: str) -> str:
-        """sha256 of every trainable tensor of `policy` (LoRA + value head), in name order."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.model.policy_state(policy).items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+    def leave_group(self):
+        self.member.leave()
 
-    def role_checksum(self, name: str) -> str:
-        """sha256 of adapter `name`'s LoRA tensors and its head (score head of a reward, value head of a
-        policy), bit-exact, in name order: shows an adapter left untouched by training."""
-        heads = {**self.model.score_heads, **self.model.value_heads}
-        tensors = dict(self.model._lora_params(name))
-        if name in heads:
-            tensors.update({f"head.{k}": v for k, v in heads[name].named_parameters()})
-        return _digest(tensors)
+    def group_state(self) -> tuple[int, int]:
+        """(this process's id, the generation of its group; 0: none)."""
+        return self.member.state()
 
-    def base_checksum(self) -> str:
-        """sha256 of every base parameter and buffer (LoRA weights excluded), bit-exact, in name order."""
-        tensors = {k: v for k, v in self.model.base.named_parameters() if "lora_" not in k}
-        tensors.update({f"buffer.{k}": v for k, v in self.model.base.named_buffers() if "lora_" not in k})
-        return _digest(tensors)
-
-    # ------------------------------------------------------------ state
-    def save_state(self, policy: str, folder: str, with_optimizer: bool = True) -> str:
-        """Policy folder (plain peft + value head) and, beside it, optimizer.pt."""
-        folder = Path(folder)
-        self.model.save_policy(policy, folder)
-        if with_optimizer:
-            tmp = folder / "optimizer.pt.tmp"
-            torch.save(self.optimizers[policy].state_dict(), tmp)
-            os.replace(tmp, folder / "optimizer.pt")
-        return str(folder)
-
-    def export_policy(self, policy: str) -> dict[str, bytes]:
-        """The files of `policy` (peft folder + value head + optimizer.pt) as bytes, for a
-        checkpoint written by the learner, wherever it runs."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / policy
-            self.save_state(policy, str(folder))
-            return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
-
-    def write_policies(self, storage, rel: str, policies: list[str]) -> dict[str, dict[str, int]]:
-        """Write each policy's files (`export_policy`'s) to `storage` (a `marl_ray.storage.Storage`) under
-        rel/policies/NAME, or rel/NAME when rel is "policies" (the run's final export); the files go from
-        this host to the storage. Returns each file's size."""
-        out = {}
-        for p in policies:
-            files = self.export_policy(p)
-            storage.write_files(f"{rel}/{p}" if rel == "policies" else f"{rel}/policies/{p}", files)
-            out[p] = {name: len(data) for name, data in files.items()}
-        return out
-
-    def read_policies(self, storage, rel: str, policies: list[str]) -> dict[str, str]:
-        """Load each policy's weights, value head and optimizer state from a checkpoint in `storage`
-        (rel/policies/NAME), read by this host itself; returns their checksums."""
-        return {p: self.import_policy(p, storage.read_files(f"{rel}/policies/{p}")) for p in policies}
-
-    def import_policy(self, policy: str, files: dict[str, bytes]) -> str:
-        """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
-        import io
-
-        from safetensors.torch import load as load_safetensors
-
-        lora = load_safetensors(files[ADAPTER_WEIGHTS])
-        head = load_safetensors(files[VALUE_HEAD_FILE]) if VALUE_HEAD_FILE in files else {}
-        params = self.model.policy_state(policy)
-        with torch.no_grad():
-            for k, p in params.items():
-                if k.startswith("value_head."):
-                    src, k_src = head, k[len("value_head."):]
-                else:  # peft files name LoRA weights without the adapter name
-                    src, k_src = lora, k.replace(f".{policy}.weight", ".weight")
-                if k_src not in src:
-                    raise ValueError(f"checkpoint of policy {policy!r} lacks {k_src}")
-                p.copy_(src[k_src])
-        if "optimizer.pt" in files:
-            self.optimizers[policy].load_state_dict(
-                torch.load(io.BytesIO(files["optimizer.pt"]), map_location="cpu", weights_only=False))
-        return self.checksum(policy)
-
+    # ------------------------------------------------------------ state, snapshots, files
     def get_state(self, policy: str) -> PolicyState:
-        """Weights + optimizer state of `policy` (copies: later steps do not change them), to restore
-        this or another replica to this point. Weights in CPU memory (pinned on a CUDA host); the
-        optimizer's state where the optimizer keeps it."""
-        import copy
-
-        pin = self.model.device.type == "cuda"
-        weights = {}
-        for k, v in self.model.policy_state(policy).items():
-            c = v.detach().to("cpu", copy=True)
-            weights[k] = c.pin_memory() if pin else c
-        return PolicyState(weights, copy.deepcopy(self.optimizers[policy].state_dict()))
+        """Weights + optimizer state of `policy` (copies: later steps do not change them)."""
+        return self.trainers[policy].state()
 
     def set_state(self, policy: str, state: PolicyState) -> str:
-        self._set_state(policy, state)
+        self.trainers[policy].load_state(state)
         return self.checksum(policy)
 
-    def _set_state(self, policy: str, state: PolicyState):
-        params = self.model.policy_state(policy)
-        with torch.no_grad():
-            for k, v in state.weights.items():
-                params[k].copy_(v)
-        self.optimizers[policy].load_state_dict(state.optimizer)
-
-    # ------------------------------------------------------------ snapshots (kept here, never sent to the driver)
     def snapshot(self, tag: int):
-        """Keep the state of every policy as it is now (weights and optimizer), under `tag` (the step it
-        starts): what a failed step is rolled back to. It stays on this host. The one before is kept too
-        (KEEP_SNAPSHOTS): until the learner has checked that no actor restarted during the step, that is
-        the one a recovery needs."""
-        self._keep(tag, {p: self.get_state(p) for p in self.optimizers})
-
-    def _keep(self, tag: int, states: dict):
-        self._snapshots[tag] = states
-        for old in sorted(self._snapshots)[:-KEEP_SNAPSHOTS]:
-            del self._snapshots[old]
+        """Every policy's trainer keeps its state as it is now under `tag` (the step it starts): what a failed
+        step is rolled back to. It stays on this host; the one before is kept until the learner has checked
+        that no actor restarted during the step (KEEP_SNAPSHOTS)."""
+        for t in self.trainers.values():
+            t.snapshot(tag)
 
     def restore(self, tag: int):
-        """Put every policy back to this host's snapshot `tag`. SnapshotMissing when it has none of that tag
-        (it was restarted since): it is then refilled from a peer (`share_snapshot`, `restore_from`)."""
-        self._restore(self._held(tag))
+        """Every policy back to snapshot `tag`. SnapshotMissing when this host does not hold it (it was
+        restarted since): it is then refilled from a peer (`share_snapshot`, `restore_from`)."""
+        held = {p: t.held(tag, self.host_index) for p, t in self.trainers.items()}
+        for p, st in held.items():
+            self.trainers[p].load_state(st)
 
     def share_snapshot(self, tag: int, by_reference: bool = True) -> list:
         """Snapshot `tag` for a peer that lost it. by_reference (Ray): a list holding a reference put by
         this host, so the state goes host to host (the caller passes the list on, never the state);
         otherwise (in-process) the snapshot itself."""
-        held = (tag, self._held(tag))
+        held = (tag, {p: t.held(tag, self.host_index) for p, t in self.trainers.items()})
         if not by_reference:
             return [held]
         import ray
@@ -606,29 +326,49 @@ class ModelHost:
 
     def restore_from(self, shared: list, tag: int):
         """Take a peer's snapshot (`share_snapshot`'s result) as this host's own and restore it."""
-        import copy
-
         from marl_ray.runtime.handles import get
 
         held = shared[0] if isinstance(shared[0], tuple) else get(shared[0])
         if held[0] != tag:
             raise SnapshotMissing(f"a peer shared the snapshot of step {held[0]}, not {tag}")
-        self._keep(tag, copy.deepcopy(held[1]))
-        self._restore(self._snapshots[tag])
+        for p, st in held[1].items():
+            st = copy.deepcopy(st)
+            self.trainers[p].snapshot(tag, st)
+            self.trainers[p].load_state(st)
 
     def snapshot_tags(self) -> list[int]:
-        """The steps whose start this host holds, oldest first."""
-        return sorted(self._snapshots)
+        """The steps whose start this host holds (for every policy), oldest first."""
+        tags = [set(t.snapshots) for t in self.trainers.values()]
+        return sorted(set.intersection(*tags)) if tags else []
 
-    def _held(self, tag: int) -> dict:
-        if tag not in self._snapshots:
-            raise SnapshotMissing(f"host {self.host_index} holds no snapshot of step {tag} "
-                                  f"(it holds {self.snapshot_tags()}: was it restarted?)")
-        return self._snapshots[tag]
+    def save_state(self, policy: str, folder: str, with_optimizer: bool = True) -> str:
+        """Policy folder (plain peft + value head) and, beside it, optimizer.pt."""
+        return self.trainers[policy].save(folder, with_optimizer)
 
-    def _restore(self, states: dict):
-        for p, st in states.items():
-            self._set_state(p, st)
+    def export_policy(self, policy: str) -> dict[str, bytes]:
+        """The files of `policy` (peft folder + value head + optimizer.pt) as bytes, for a checkpoint
+        written by the learner, wherever it runs."""
+        return self.trainers[policy].files()
+
+    def import_policy(self, policy: str, files: dict[str, bytes]) -> str:
+        """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
+        return self.trainers[policy].load_files(files)
+
+    def write_policies(self, storage, rel: str, policies: list[str]) -> dict[str, dict[str, int]]:
+        """Write each policy's files to `storage` (a `marl_ray.storage.Storage`) under rel/policies/NAME, or
+        rel/NAME when rel is "policies" (the run's final export): from this host to the storage. Returns
+        each file's size."""
+        out = {}
+        for p in policies:
+            files = self.export_policy(p)
+            storage.write_files(f"{rel}/{p}" if rel == "policies" else f"{rel}/policies/{p}", files)
+            out[p] = {name: len(data) for name, data in files.items()}
+        return out
+
+    def read_policies(self, storage, rel: str, policies: list[str]) -> dict[str, str]:
+        """Each policy's weights, value head and optimizer state from a checkpoint in `storage`
+        (rel/policies/NAME), read by this host itself; returns their checksums."""
+        return {p: self.import_policy(p, storage.read_files(f"{rel}/policies/{p}")) for p in policies}
 
     def rng_state(self) -> dict:
         return {"torch": torch.random.get_rng_state(), "python": random.getstate()}
@@ -638,24 +378,8 @@ class ModelHost:
         random.setstate(state["python"])
 
 
-_PPO_STATS = ("loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "val/clipfrac", "policy/entropy",
-              "val/ratio")
-_CRITIC_FREE_STATS = ("loss/policy", "policy/entropy", "policy/clipfrac", "policy/clipfrac_low", "policy/clipfrac_high",
-                      "val/ratio")
-
-
-class SnapshotMissing(RuntimeError):
-    """A host was asked for a snapshot it does not hold (it was restarted since it was taken)."""
-
-
-class RowsLost(RuntimeError):
-    """A host was asked for rows it does not keep (it was restarted since it sampled them)."""
-
-
-#: Snapshots a host keeps: the step's start, and the one before until the step is known to be good.
-KEEP_SNAPSHOTS = 2
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def _finite(grads: dict, stats: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in grads.values()) and all(math.isfinite(v) for v in stats.values())
 
 
 def _by_policy(policies: list[str]) -> list[int] | None:
@@ -671,39 +395,3 @@ def _inverse(order: list[int]) -> torch.Tensor:
     back = torch.empty(len(order), dtype=torch.long)
     back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return back
-
-
-def _stat_keys(loss: LossSettings) -> list[str]:
-    """The statistics a shard's update reports (what `_forward_backward` / `_critic_free` return), sorted:
-    the same layout on every host, also on one without rows."""
-    if loss.algorithm == "ppo":
-        return sorted(_PPO_STATS)
-    # the learner sends reference logprobs exactly when beta > 0 (Learner.minibatch)
-    return sorted(_CRITIC_FREE_STATS + (("policy/kl_k3",) if loss.beta > 0 else ()))
-
-
-def _digest(tensors: dict) -> str:
-    """sha256 of the raw bytes of named tensors (any dtype, quantized storage included), in name order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous().reshape(-1)
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _live_tensors():
-    import warnings
-
-    frozen = gc.get_freeze_count()  # vLLM gc.freeze()s its start-up objects: list those too
-    if frozen:
-        gc.unfreeze()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # isinstance() on some torch module objects warns
-            objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    finally:
-        if frozen:
-            gc.freeze()
-    return objs

@@ -30,6 +30,7 @@ import torch
 from marl_ray.runtime.handles import get, put
 from marl_ray.runtime.protocol import (EvalRequest, Evaluation, KeptRows, LossSettings, Minibatch, PolicyState,
                                       TrainResult)
+from marl_ray.runtime.trainer import SnapshotMissing
 
 
 @dataclass(frozen=True)
@@ -308,8 +309,6 @@ class HostGroup:
         restarted it) is refilled from a host that holds it, host to host (a reference the donor put; the
         driver passes the reference on). Returns the refilled hosts' indices; None when no host holds the
         snapshot (then nothing was changed)."""
-        from marl_ray.runtime.host import SnapshotMissing
-
         missing = []
         for i, h in enumerate(self.hosts):
             try:
