@@ -72,6 +72,7 @@ class ModelHost:
                 self.model.add_policy(p.name, cfg, seed=policy_seed(seed, p.name, "init"), value_head=p.critic)
             self.trainers[p.name] = PolicyTrainer(self.model, p.name, p.lr)
         self.rows = KeptRowStore(host_index)
+        self.rng_snapshots: dict[int, dict] = {}  # step -> this process's RNG state at its start
         self.member = GroupMember(host_index, self.model.device)
         self.sampler = self.model.sampler  # rollouts on the training model; or a vLLM engine:
         if generation.backend == "vllm":
@@ -305,6 +306,12 @@ class ModelHost:
         that no actor restarted during the step (KEEP_SNAPSHOTS)."""
         for t in self.trainers.values():
             t.snapshot(tag)
+        self._keep_rng(tag, self.rng_state())
+
+    def _keep_rng(self, tag: int, rng: dict):
+        self.rng_snapshots[tag] = rng
+        for old in sorted(self.rng_snapshots)[:-KEEP_SNAPSHOTS]:
+            del self.rng_snapshots[old]
 
     def restore(self, tag: int):
         """Every policy back to snapshot `tag`. SnapshotMissing when this host does not hold it (it was
@@ -312,12 +319,13 @@ class ModelHost:
         held = {p: t.held(tag, self.host_index) for p, t in self.trainers.items()}
         for p, st in held.items():
             self.trainers[p].load_state(st)
+        self.set_rng_state(self.rng_snapshots[tag])
 
     def share_snapshot(self, tag: int, by_reference: bool = True) -> list:
         """Snapshot `tag` for a peer that lost it. by_reference (Ray): a list holding a reference put by
         this host, so the state goes host to host (the caller passes the list on, never the state);
         otherwise (in-process) the snapshot itself."""
-        held = (tag, {p: t.held(tag, self.host_index) for p, t in self.trainers.items()})
+        held = (tag, {p: t.held(tag, self.host_index) for p, t in self.trainers.items()}, self.rng_snapshots[tag])
         if not by_reference:
             return [held]
         import ray
@@ -332,9 +340,11 @@ class ModelHost:
         if held[0] != tag:
             raise SnapshotMissing(f"a peer shared the snapshot of step {held[0]}, not {tag}")
         for p, st in held[1].items():
-            st = copy.deepcopy(st)
-            self.trainers[p].snapshot(tag, st)
+            self.trainers[p].snapshot(tag, copy.deepcopy(st))
             self.trainers[p].load_state(st)
+        # the peer's RNG state: every step reseeds the hosts' draws where it starts (the sampler's seed)
+        self._keep_rng(tag, copy.deepcopy(held[2]))
+        self.set_rng_state(held[2])
 
     def snapshot_tags(self) -> list[int]:
         """The steps whose start this host holds (for every policy), oldest first."""

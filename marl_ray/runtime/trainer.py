@@ -205,11 +205,13 @@ class PolicyTrainer:
         return PolicyState(weights, copy.deepcopy(self.optimizer.state_dict()))
 
     def load_state(self, state: PolicyState):
+        """Back to `state`, which stays as it is: the optimizer gets copies of its tensors (load_state_dict
+        would adopt them, and the next step would change the snapshot in place)."""
         params = self.params
         with torch.no_grad():
             for k, v in state.weights.items():
                 params[k].copy_(v)
-        self.optimizer.load_state_dict(state.optimizer)
+        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
 
     def snapshot(self, tag: int, state: PolicyState | None = None):
         """Keep the state as it is now (or `state`) under `tag`; the older beyond KEEP_SNAPSHOTS go."""

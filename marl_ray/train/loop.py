@@ -426,23 +426,26 @@ class Learner:
         return {p: self.hosts.checksums(p) for p in self.policies}
 
     # ------------------------------------------------------------ state
-    def state(self) -> dict:
-        """Everything of the run outside the policies' weights and optimizers (for checkpoints)."""
-        return {
+    def state(self, host_rng: bool = True) -> dict:
+        """Everything of the run outside the policies' weights and optimizers (for checkpoints).
+        host_rng=False: without the hosts' RNG states (a step's snapshot: the hosts keep theirs)."""
+        state = {
             "step": self.step, "kl_ctl": {p: c.state_dict() for p, c in self.kl_ctl.items()},
             "workers": get([w.state.remote() for w in self.workers]),
-            "host_rng": self.hosts.all("rng_state"),
             "ledger": list(self.ledger), "history": list(self.history),
             "bad_steps": dict(self.bad_steps), "skip_count": dict(self.skip_count),
         }
+        if host_rng:
+            state["host_rng"] = self.hosts.all("rng_state")
+        return state
 
     def set_state(self, state: dict):
         self.step = state["step"]
         for p, c in self.kl_ctl.items():
             c.load_state_dict(state["kl_ctl"][p])
         get([w.set_state.remote(s) for w, s in zip(self.workers, state["workers"])])
-        # host_rng has one entry per host of the run that saved it; a group that shrank takes the first ones
-        get([h.set_rng_state.remote(r) for h, r in zip(self.hosts.hosts, state["host_rng"])])
+        if "host_rng" in state:  # one entry per host of the run that saved it; a group that shrank takes the first
+            get([h.set_rng_state.remote(r) for h, r in zip(self.hosts.hosts, state["host_rng"])])
         self.ledger, self.history = list(state["ledger"]), list(state["history"])
         self.bad_steps, self.skip_count = dict(state["bad_steps"]), dict(state["skip_count"])
 

@@ -58,7 +58,7 @@ class Snapshot:
     """The start of a step, as the driver knows it: the hosts keep the policies' state under `step`."""
 
     step: int
-    learner: dict  # Learner.state(): step, KL controllers, workers' stream positions, ledger, ...
+    learner: dict  # Learner.state(host_rng=False): step, KL controllers, workers' stream positions, ledger, ...
     pids: list[int] = field(default_factory=list)  # hosts + workers, read after their state
 
 
@@ -70,7 +70,7 @@ def take_snapshot(learner) -> Snapshot:
     """Every host keeps its policies' state; the driver the learner's state. The actors' pids are read
     after their state: unchanged pids later prove that no actor restarted meanwhile."""
     learner.hosts.snapshot(learner.step)
-    snap = Snapshot(learner.step, learner.state())
+    snap = Snapshot(learner.step, learner.state(host_rng=False))
     snap.pids = learner._actor_pids = pids(learner)
     if learner.step == 0 and learner.start is None:
         learner.start = snap.learner  # a fresh run's start: what a run with no checkpoint goes back to
@@ -156,7 +156,7 @@ def rewind(learner, snap: Snapshot):
     if learner.logger is not None:
         learner.logger.truncate(learner.step)
     learner.hosts.snapshot(learner.step)
-    snap.step, snap.learner = learner.step, learner.state()
+    snap.step, snap.learner = learner.step, learner.state(host_rng=False)
     log.warning("no host holds the state of step %d (every host was restarted): back to %s, step %d", was, where,
                 learner.step)
 

@@ -336,3 +336,33 @@ def test_a_host_that_lost_its_snapshot_is_refilled_from_a_peer(setup):
     before = alone.checksums("up")
     assert alone.restore(7) is None and alone.checksums("up") == before
 
+
+
+def test_a_snapshot_restored_twice_is_the_same_both_times(setup):
+    """Restoring a snapshot leaves it as it was: the optimizer steps after a restore must not change the
+    snapshot's tensors (a step redone twice restores the same state twice)."""
+    host = setup["two"].hosts[0]._obj
+    policy = "up"
+    gen = torch.Generator().manual_seed(5)
+
+    def step():
+        grads = {k: torch.randn(p.shape, generator=gen) for k, p in host.model.policy_state(policy).items()}
+        host.optim_step(policy, grads, None)
+
+    step()  # the optimizer has moments to keep
+    host.snapshot(11)
+    want = (host.checksum(policy), copy_state(host.get_state(policy).optimizer))
+    for _ in range(2):
+        step()
+        host.restore(11)
+        assert host.checksum(policy) == want[0]
+        got = host.get_state(policy).optimizer["state"]
+        for i, s in want[1]["state"].items():
+            for k, v in s.items():
+                assert torch.equal(got[i][k], v), (i, k)
+
+
+def copy_state(optimizer_state: dict) -> dict:
+    import copy
+
+    return copy.deepcopy(optimizer_state)

@@ -446,7 +446,8 @@ def test_rows_stay_on_their_hosts_and_the_driver_sends_references(run):
     print(f"per step: rows sent as references {sent_ref} B, as tensors {sent_val} B; advantages sent once "
           f"{by_ref.by_kind['sent/advantages']} B; scoring requests {by_ref.by_kind['sent/score']} B")
     assert sent_ref * 4 < sent_val, (sent_ref, sent_val)
-    assert {k for k in by_ref.by_kind if k.startswith("received/")} == {"received/scores", "received/result"}
+    assert {k for k in by_ref.by_kind if k.startswith("received/")} == {"received/scores", "received/result",
+                                                                          "received/fingerprints"}
 
     # a minibatch of rows host 0 keeps: host 1 takes half of them, lent by host 0
     policy = "a"
