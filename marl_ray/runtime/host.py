@@ -24,6 +24,7 @@ import torch
 from marl_ray.model import sampling, tweaks
 from marl_ray.model.sampling import RolloutScores
 from marl_ray.runtime import diagnostics
+from marl_ray.runtime.faults import Faults
 from marl_ray.runtime.membership import GroupMember
 from marl_ray.runtime.protocol import (
     EvalRequest, Evaluation, Gradients, KeptRows, KeptScoring, LossSettings, Minibatch, PolicyState, Samples,
@@ -71,6 +72,7 @@ class ModelHost:
                 # policy starts alike alone or beside others
                 self.model.add_policy(p.name, cfg, seed=policy_seed(seed, p.name, "init"), value_head=p.critic)
             self.trainers[p.name] = PolicyTrainer(self.model, p.name, p.lr)
+        self.faults = Faults()  # named points where a test makes this process die (runtime/faults.py)
         self.rows = KeptRowStore(host_index)
         self.rng_snapshots: dict[int, dict] = {}  # step -> this process's RNG state at its start
         self.member = GroupMember(host_index, self.model.device)
@@ -106,6 +108,10 @@ class ModelHost:
         return {p: t.optimizer for p, t in self.trainers.items()}
 
     # ------------------------------------------------------------ diagnostics
+    def arm_fault(self, point: str, after: int = 0):
+        """Die (SIGKILL) at `point` on its `after`-th next pass: for tests (runtime/faults.py)."""
+        self.faults.arm(point, after)
+
     def pid(self) -> int:
         """This process's id: cheap; a host Ray restarted has another (the learner checks it each step)."""
         return os.getpid()
@@ -159,6 +165,7 @@ class ModelHost:
         keep = (learner token, rollout id, rollout worker): this host also keeps the rows, to score and
         train on them where they are (`score_kept`, `KeptRows`); a learner's parts of an older rollout are
         dropped."""
+        self.faults.at("sample")
         out = self._sample(prompts, policies, settings, seed)
         if keep is not None:
             self.rows.keep(*keep, prompts, policies, out)
@@ -207,6 +214,7 @@ class ModelHost:
         """`evaluate` of the rows this host sampled and kept (req.workers' parts of rollout req.kept, in
         that order: prompts left-padded to their longest), which it then keeps with their scores as the
         learner's table for the step's updates. Only the scores go back; the rows stay here."""
+        self.faults.at("score")
         input_ids, attention_mask, P, policies, samples = self.rows.rows_of(req.token, req.kept, req.workers)
         ev = self.evaluate(EvalRequest(input_ids, attention_mask, policies, req.rewards, P,
                                        samples.scores if req.rollout else None, req.reference, req.chunk))
@@ -266,6 +274,7 @@ class ModelHost:
         statistic is not finite (every host sees the same sums, so every host decides alike)."""
         trainer = self.trainers[policy]
         g = trainer.gradients(self.rows.assemble(mb), total_tokens, loss)
+        self.faults.at("allreduce")
         stats = self.member.sum(g.grads, g.stats, stat_keys(loss), generation, comm_dtype, bucket_bytes)
         if not _finite(g.grads, stats):
             return TrainResult(stats, False)

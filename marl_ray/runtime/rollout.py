@@ -12,6 +12,7 @@ import os
 from dataclasses import replace
 
 from marl_ray.data.prompts import end_of_turn_ids, held_out, is_conversation
+from marl_ray.runtime.faults import Faults
 from marl_ray.runtime.protocol import RolloutPart
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class RolloutWorker:
         self.columns = {i: columns[i] for i in self.ids}
         self.max_prompt_tokens = max_prompt_tokens
         self.worker_index = worker_index
+        self.faults = Faults()  # named points where a test makes this process die (runtime/faults.py)
         self.position = 0  # index into self.ids of the next prompt to hand out
         self.epoch = 0  # completed passes over the shard
         self.truncated = 0
@@ -67,6 +69,10 @@ class RolloutWorker:
         if is_conversation(prompt):
             return self.render(prompt)
         return None
+
+    def arm_fault(self, point: str, after: int = 0):
+        """Die (SIGKILL) at `point` on its `after`-th next pass: for tests (runtime/faults.py)."""
+        self.faults.arm(point, after)
 
     def pid(self) -> int:
         """This process's id: a worker Ray restarted has another (the learner checks it each step)."""
@@ -124,6 +130,7 @@ class RolloutWorker:
         The samples are returned as the host's result (a reference to it on Ray): they go from the
         host to whoever reads them, not through this worker. keep = (learner token, rollout id): the
         host also keeps the rows, under this worker's index, to score and train on them there."""
+        self.faults.at("rollout")
         taken = self.take(n)
         rows = [(pid, ids, p) for pid, ids in taken for p in policies]
         if self.stop_token_ids:

@@ -576,12 +576,12 @@ def test_prompt_ledger_one_shard_epoch_without_repeats(run):
 def test_a_restarted_host_rejoins_the_group_and_the_step_is_redone_exactly(run, monkeypatch):
     """Last (it moves the run on): two more steps of the learner, uninterrupted, then the same two steps
     again from the same state with host 1 killed (SIGKILL, by pid) after the first step and again
-    mid-update of the second, its peer inside the allreduce or about to enter it. The peer fails at once
+    mid-update of the second, as it enters its allreduce (a fault armed at its "allreduce" point,
+    runtime/faults.py), its peer inside the allreduce or about to enter it. The peer fails at once
     (no hang until the collective's timeout), Ray restarts host 1, the learner restores both hosts,
     forms the group anew and redoes the step: checksums, metrics and ledger equal the uninterrupted
     steps', bit for bit."""
     import signal
-    import threading
     import time
 
     from marl_ray.runtime.handles import get
@@ -596,10 +596,9 @@ def test_a_restarted_host_rejoins_the_group_and_the_step_is_redone_exactly(run, 
     learner.load_checkpoint(str(start))  # every actor and the learner back to the state before those steps
     assert learner.step == s0 and learner.recoveries == 0
 
-    killed, threads, tries = [], [], {}
+    killed, tries = [], {}
 
-    def kill_host1(delay=0.0):
-        time.sleep(delay)
+    def kill_host1():
         pid = get(learner.hosts[1].pid.remote())
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
@@ -608,17 +607,15 @@ def test_a_restarted_host_rejoins_the_group_and_the_step_is_redone_exactly(run, 
 
     def train(self, *args):
         tries[self.step] = tries.get(self.step, 0) + 1
-        if self.step == s0 + 1 and tries[self.step] == 1:  # mid-update: the hosts are in their allreduces
-            threads.append(threading.Thread(target=kill_host1, args=(0.05,)))
-            threads[-1].start()
+        if self.step == s0 + 1 and tries[self.step] == 1:  # mid-update: host 1 dies as it enters its allreduce
+            killed.append(get(self.hosts[1].pid.remote()))
+            get(self.hosts[1].arm_fault.remote("allreduce"))
         return real_train(self, *args)
 
     monkeypatch.setattr(Learner, "train", train)
     t0 = time.monotonic()
     learner.fit(steps=2, on_step=lambda step, m: kill_host1() if step == s0 else None)
     elapsed = time.monotonic() - t0
-    for t in threads:
-        t.join()
     assert len(killed) == 2 and learner.recoveries >= 2, (killed, learner.recoveries)
     assert elapsed < 0.5 * learner.hosts.sync.timeout_s, elapsed  # nobody waited for a collective's timeout
     assert learner.hosts.generation > generation and learner.hosts.members[1][0] not in killed

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -108,8 +107,9 @@ def local_ray():
 
 @pytest.mark.parametrize("hosts", [1, 2])
 def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray, tmp_path, monkeypatch, caplog, hosts):
-    """Kill the host between steps 0 and 1 (step 1's first call fails); worker 1 20 ms into step 2's
-    rollout and the host 20 ms into the redo of that same step (two faults within one step); worker 0
+    """Kill the host between steps 0 and 1 (step 1's first call fails); worker 1 as it starts step 2's
+    rollout and the host as it starts decoding the redo of that same step (two faults within one step,
+    each armed at its named point: runtime/faults.py); worker 0
     after step 2, waiting until Ray has restarted it (only its new pid shows that its stream position
     was lost: the checkpoint after step 2 is refused, restored and written again); and worker 1 while
     that checkpoint's files are written (the checkpoint is whole; step 3 finds the worker gone and is
@@ -130,7 +130,7 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
         assert len(summary["hosts"]) == 2 and summary["recoveries"] == 0
         baseline = {"out": want, "summary": summary, "metrics": ru.metrics_by_step(want)}
     cfg = ru.load(ru.run_config(assets, out, cluster=cluster, run={"save_every": 3}))
-    seen, killed, threads = {}, [], []
+    seen, killed = {}, []
 
     def kill(pid, what, delay=0.0):
         time.sleep(delay)
@@ -146,10 +146,12 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
     def rollout(self):
         tries[self.step] = tries.get(self.step, 0) + 1
         if self.step == 2 and tries[2] <= 2:  # first try: worker 1 dies; second try: the host dies
-            host, workers = pids(self)
-            target = (workers[1], "worker 1") if tries[2] == 1 else (host, "host")
-            threads.append(threading.Thread(target=kill, args=(*target, 0.02)))
-            threads[-1].start()
+            if tries[2] == 1:
+                get(self.workers[1].arm_fault.remote("rollout"))  # as it starts its share of the rollout
+                killed.append("worker 1")
+            else:
+                get(self.hosts[0].arm_fault.remote("sample"))  # as it starts decoding
+                killed.append("host")
         return real_rollout(self)
 
     monkeypatch.setattr(Learner, "rollout", rollout)
@@ -173,8 +175,6 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
         if step == 0 and "host" not in killed:  # one host: the run goes back to its start and redoes step 0
             kill(seen["host"], "host")
         elif step == 2:
-            for t in threads:
-                t.join()
             w0 = pids(learner)[1][0]
             kill(w0, "worker 0")
             deadline = time.monotonic() + 120
