@@ -108,9 +108,8 @@ class Learner:
         self.rollouts = 0  # rollouts so far: each batch's rows are kept on the hosts under a new id
         self.bad_steps = {p: 0 for p in self.policies}  # consecutive steps with a skipped update
         self.skip_count = {p: 0 for p in self.policies}  # steps with a skipped update, in all
-        self.recoveries = 0  # steps redone after an actor was lost
-        self._actor_pids = None  # pids of hosts + workers when their state was last known good (Ray)
-        self.start: dict | None = None  # a fresh run's learner state at step 0 (resilience.rewind)
+        # snapshots, recovery of lost actors and nodes around the steps (Ray; none in-process)
+        self.resilience = resilience.Resilience(self)
         self.last_checkpoint = None  # the checkpoint this run last wrote or resumed from (resilience.rewind)
         self.storage = Storage(cfg.run.storage) if cfg.run.storage else None  # checkpoints written by the hosts
         self.ledger: list[dict] = []  # prompt ids consumed per step
@@ -422,6 +421,27 @@ class Learner:
                 metrics[p]["eval/gold/score"] = metrics[p].pop("gold/score")
         return metrics
 
+    @property
+    def recoveries(self) -> int:
+        """Steps (or checkpoint saves) redone after an actor was lost."""
+        return self.resilience.recoveries
+
+    def regroup(self, keep: list[int]) -> list[int]:
+        """Go on with hosts `keep` (indices of the current ones; the others' nodes are gone): the group
+        shrinks, and each rollout worker of a dropped host is made anew on a node left (respawn_worker).
+        Returns the workers made anew."""
+        self.hosts = HostGroup([self.hosts[i] for i in keep], self.local, self.hosts.sync)
+        self.host_nodes = [self.host_nodes[i] for i in keep]
+        moved = []
+        for w, h in enumerate(self.worker_host):
+            if h in keep:
+                self.worker_host[w] = keep.index(h)
+            else:
+                self.worker_host[w] = w % len(keep)
+                self.workers[w] = self.respawn_worker(w, self.host_nodes[self.worker_host[w]])
+                moved.append(w)
+        return moved
+
     def checksums(self) -> dict[str, list[str]]:
         return {p: self.hosts.checksums(p) for p in self.policies}
 
@@ -465,7 +485,7 @@ class Learner:
         config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         if self.storage is None:
             files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
-            self._check_pids()
+            self.resilience.check()
             self.last_checkpoint = checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
                                                    config_yaml, self.cfg.run.keep_last)
             return self.last_checkpoint
@@ -475,15 +495,10 @@ class Learner:
         sizes = {}
         for got in get([self.hosts[h].write_policies.remote(self.storage, rel, ps) for h, ps in dealt.items()]):
             sizes.update(got)
-        self._check_pids()  # before meta.json: a checkpoint a restarted host wrote stays incomplete
+        self.resilience.check()  # before meta.json: a checkpoint a restarted host wrote stays incomplete
         self.last_checkpoint = checkpoint.finish_stored(self.storage, rel, state["step"], meta, state, config_yaml,
                                                         self.cfg.run.keep_last, sizes)
         return self.last_checkpoint
-
-    def _check_pids(self):
-        if self._actor_pids is not None and resilience.pids(self) != self._actor_pids:
-            # A restarted host would have exported its initial weights: write nothing.
-            raise ActorRestarted(f"an actor was restarted before the checkpoint of step {self.step} was read")
 
     def load_checkpoint(self, which: str):
         """Restore every host, worker and the learner from a checkpoint ('latest' or a folder; of
@@ -532,7 +547,7 @@ class Learner:
     def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
         """Run steps until cfg.ppo.steps (or `steps` more); `on_step(step, metrics)` after each.
 
-        Each step runs under `resilience.run_step`: a step that loses an actor is rolled back to its
+        On Ray each step runs under `self.resilience`: a step that loses an actor is rolled back to its
         start on every host and worker and redone with the same seeds."""
         from tqdm import tqdm
 
@@ -544,16 +559,21 @@ class Learner:
         self.hosts.ensure_group()  # the hosts' group forms as the run starts (train() re-forms it after a recovery)
         bar = tqdm(total=end, initial=self.step, desc="ppo", unit="step", disable=not console.progress(self.cfg.run.progress))
         save_every = self.cfg.run.save_every
+        res = None if self.local else self.resilience
+        if res:
+            res.max_retries = max_step_retries
+        save = res.save if res else (lambda fn: fn())
         try:
-            snap = None if self.local else resilience.take_snapshot(self)
+            if res:
+                res.snapshot()
             while self.step < end:
-                before = self.state() if snap is None and self.reward_fns else None
+                before = self.state() if res is None and self.reward_fns else None
                 try:
-                    metrics, snap = resilience.run_step(self, self.run_step, snap, max_step_retries)
+                    metrics = res.run_step(self.run_step) if res else self.run_step()
                 except RewardFunctionError as e:
                     # the step failed before any update: back to its start, which is the last good state
-                    if snap is not None:
-                        resilience.recover(self, snap)
+                    if res:
+                        res.recover()
                     else:
                         self.set_state(before)
                     path = self.save_checkpoint()
@@ -566,13 +586,13 @@ class Learner:
                     on_step(self.step - 1, metrics)
                 bad = [p for p, n in self.bad_steps.items() if n >= self.cfg.ppo.max_nonfinite_steps]
                 if bad:
-                    path = resilience.save(self, self.save_checkpoint, snap)
+                    path = save(self.save_checkpoint)
                     raise NonFiniteError(
                         f"policies {bad}: updates skipped for non-finite numbers {self.cfg.ppo.max_nonfinite_steps} "
                         f"steps in a row; last good state saved to {path}. Lower the learning rate or check "
                         "the reward adapter.")
                 if save_every and self.step % save_every == 0 and self.step < end:
-                    resilience.save(self, self.save_checkpoint, snap)
+                    save(self.save_checkpoint)
                 first = metrics[self.policies[0]]
                 bar.set_postfix(samples_s=f"{first['perf/samples_per_s']:.1f}",
                                 **{p: f"{m['objective/scores']:+.2f}" for p, m in metrics.items()})
