@@ -27,7 +27,8 @@ def assets(tmp_path_factory):
 def _wait_until_gone(learner, node_id: str, timeout_s: float = 60.0):
     """Until the cluster reports the node dead and its host no longer answers. Without this, on an idle
     machine its processes can outlive their raylet long enough for the last steps to run on them, and the
-    loss surfaces only after training (see the session note: the run's end is not under recovery)."""
+    loss surfaces only after training, where the run's end (the final checkpoint and export) is not under
+    recovery."""
     import time
 
     import ray

@@ -132,8 +132,7 @@ def test_lost_host_and_workers_are_recovered_on_ray(assets, baseline, local_ray,
     cfg = ru.load(ru.run_config(assets, out, cluster=cluster, run={"save_every": 3}))
     seen, killed = {}, []
 
-    def kill(pid, what, delay=0.0):
-        time.sleep(delay)
+    def kill(pid, what):
         os.kill(pid, signal.SIGKILL)
         killed.append(what)
 
