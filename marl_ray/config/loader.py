@@ -7,7 +7,7 @@ CLI ``--config PATH --set KEY=VALUE`` whose ``--help`` explains every field. The
 generic over any tree of ``spec`` dataclasses (the stages' configs use it too); the RL run's
 sections are in ``schema.py``.
 
-Why our own ~300 lines and not a library (looked at for issue 14): pydantic would take over the
+Why our own ~300 lines and not a library: pydantic would take over the
 coercion and the bounds (~80 lines) but not the YAML + ``--set a.b[0].c=V`` layering or the
 ``--help`` listing, and its errors (location tuples, its own wording) would need as much code again
 to read like ours; tyro makes a CLI from dataclasses but has no YAML layer and no overrides into a
