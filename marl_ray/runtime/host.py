@@ -373,21 +373,20 @@ class ModelHost:
         """Load weights, value head and optimizer state of `policy` from `export_policy` files."""
         return self.trainers[policy].load_files(files)
 
-    def write_policies(self, storage, rel: str, policies: list[str]) -> dict[str, dict[str, int]]:
-        """Write each policy's files to `storage` (a `marl_ray.storage.Storage`) under rel/policies/NAME, or
-        rel/NAME when rel is "policies" (the run's final export): from this host to the storage. Returns
-        each file's size."""
+    def write_policies(self, storage, folders: dict[str, str]) -> dict[str, dict[str, int]]:
+        """Write each policy's files to its folder of `storage` (a `marl_ray.storage.Storage`), from this
+        host to the storage; folders: policy -> storage path. Returns each file's size."""
         out = {}
-        for p in policies:
+        for p, folder in folders.items():
             files = self.export_policy(p)
-            storage.write_files(f"{rel}/{p}" if rel == "policies" else f"{rel}/policies/{p}", files)
+            storage.write_files(folder, files)
             out[p] = {name: len(data) for name, data in files.items()}
         return out
 
-    def read_policies(self, storage, rel: str, policies: list[str]) -> dict[str, str]:
-        """Each policy's weights, value head and optimizer state from a checkpoint in `storage`
-        (rel/policies/NAME), read by this host itself; returns their checksums."""
-        return {p: self.import_policy(p, storage.read_files(f"{rel}/policies/{p}")) for p in policies}
+    def read_policies(self, storage, folders: dict[str, str]) -> dict[str, str]:
+        """Each policy's weights, value head and optimizer state from its folder of `storage`, read by
+        this host itself; returns their checksums."""
+        return {p: self.import_policy(p, storage.read_files(folder)) for p, folder in folders.items()}
 
     def rng_state(self) -> dict:
         return {"torch": torch.random.get_rng_state(), "python": random.getstate()}

@@ -493,7 +493,8 @@ class Learner:
         n = len(self.hosts)
         dealt = {h: [p for i, p in enumerate(self.policies) if i % n == h] for h in range(min(n, len(self.policies)))}
         sizes = {}
-        for got in get([self.hosts[h].write_policies.remote(self.storage, rel, ps) for h, ps in dealt.items()]):
+        for got in get([self.hosts[h].write_policies.remote(self.storage, {p: f"{rel}/policies/{p}" for p in ps})
+                        for h, ps in dealt.items()]):
             sizes.update(got)
         self.resilience.check()  # before meta.json: a checkpoint a restarted host wrote stays incomplete
         self.last_checkpoint = checkpoint.finish_stored(self.storage, rel, state["step"], meta, state, config_yaml,
@@ -516,7 +517,7 @@ class Learner:
             path = checkpoint.resolve_stored(self.storage, which)
             meta, state = checkpoint.load_stored(self.storage, path)
             checkpoint.check_compatible(meta, fingerprint, self.policies, self.storage.describe(path))
-            sums = self.hosts.all("read_policies", self.storage, path, self.policies)
+            sums = self.hosts.all("read_policies", self.storage, {p: f"{path}/policies/{p}" for p in self.policies})
             for p in self.policies:
                 self.hosts.agree([s[p] for s in sums], f"policy {p!r}: hosts disagree after loading {path}")
         self.set_state(state)
@@ -531,7 +532,7 @@ class Learner:
 
         if self.storage is not None:
             n = len(self.hosts)
-            get([self.hosts[i % n].write_policies.remote(self.storage, "policies", [p])
+            get([self.hosts[i % n].write_policies.remote(self.storage, {p: f"policies/{p}"})
                  for i, p in enumerate(self.policies)])
             return {p: self.storage.describe(f"policies/{p}") for p in self.policies}
         out, saved = Path(self.cfg.run.out_dir), {}
