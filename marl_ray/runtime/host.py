@@ -103,10 +103,6 @@ class ModelHost:
         """The vLLM engine, or None when rollouts run on the training model."""
         return getattr(self.sampler, "engine", None)
 
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {p: t.optimizer for p, t in self.trainers.items()}
-
     # ------------------------------------------------------------ diagnostics
     def arm_fault(self, point: str, after: int = 0):
         """Die (SIGKILL) at `point` on its `after`-th next pass: for tests (runtime/faults.py)."""
