@@ -41,7 +41,7 @@ def quantization_config(quantization, compute_dtype: torch.dtype):
 
 
 def load_base(name_or_path: str, quantization="none", dtype="fp32", device_map=None, low_memory: bool = False):
-    """Load a causal LM once, frozen and in eval mode, optionally quantized.
+    """Load a causal LM (a folder, hub id or .gguf file) once, frozen and in eval mode, optionally quantized.
 
     low_memory: a base whose weights are converted (quantized, or cast to another dtype) is read
     tensor by tensor, and a quantized one leaves glibc returning large freed blocks to the OS for
@@ -51,7 +51,9 @@ def load_base(name_or_path: str, quantization="none", dtype="fp32", device_map=N
     from transformers.utils import logging as hf_logging
 
     from marl_ray.model import tweaks
+    from marl_ray.model.gguf import resolve_base
 
+    name_or_path = resolve_base(name_or_path)  # a .gguf file: its dequantized folder (converted once)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     qcfg = quantization_config(quantization, torch_dtype)
     kwargs = {"dtype": torch_dtype}

@@ -164,7 +164,12 @@ def conv1d_only(targets, model: nn.Module) -> bool:
 
 def skeleton(name_or_path: str) -> nn.Module | None:
     """The causal LM of a local model folder with no weights (meta device), for checking names before
-    anything is loaded; None where that cannot be built (not a local folder, remote code, ...)."""
+    anything is loaded; None where that cannot be built (not a local folder, remote code, ...). A .gguf
+    file is read from its dequantized folder."""
+    from marl_ray.model.gguf import is_gguf, resolve_base
+
+    if is_gguf(name_or_path) and Path(name_or_path).expanduser().is_file():
+        name_or_path = resolve_base(name_or_path)
     if not Path(name_or_path).expanduser().is_dir():
         return None
     import warnings

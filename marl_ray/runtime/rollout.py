@@ -41,7 +41,9 @@ class RolloutWorker:
                  eval_fraction: float = 0.0):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        from marl_ray.model.gguf import resolve_base
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_base(tokenizer))  # a .gguf: its converted folder
         texts, columns = load_prompt_rows(prompts, seed=seed, split=split, prompt_field=prompt_field)
         if eval_fraction > 0:  # the held-out share (data.eval_fraction) is never trained on
             kept = [i for i, t in enumerate(texts) if not held_out(t, eval_fraction)]

@@ -37,6 +37,13 @@ def check_inputs(cfg: PPORunConfig):
 
     if local(cfg.model.base) and not Path(cfg.model.base).expanduser().exists():
         raise ConfigError(f"model.base: {cfg.model.base!r} does not exist")
+    from marl_ray.model.gguf import GGUFError, resolve_base
+
+    for field, path in (("model.base", cfg.model.base), ("model.tokenizer", cfg.model.tokenizer)):
+        try:  # a .gguf file: refused (named) or dequantized once here, before any actor starts
+            resolve_base(path)
+        except GGUFError as e:
+            raise ConfigError(f"{field}: {e}") from None
     for i, r in enumerate(cfg.rewards):
         if r.path is None:
             continue
@@ -96,7 +103,9 @@ def check_inputs(cfg: PPORunConfig):
 def _require_chat_template(cfg: PPORunConfig, field: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.base)
+    from marl_ray.model.gguf import resolve_base
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(cfg.model.tokenizer or cfg.model.base))
     if not getattr(tok, "chat_template", None):
         raise ConfigError(f"{field}: {getattr(cfg.data, field.split('.')[1])} holds conversations, but the tokenizer "
                           f"of {cfg.model.tokenizer or cfg.model.base} has no chat template: give it one or use "

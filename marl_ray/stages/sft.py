@@ -195,6 +195,16 @@ def _scratch_model(cfg: SFTConfig, train: list):
     return model.train(), tokenizer
 
 
+def _base_path(cfg: SFTConfig) -> str:
+    """cfg.base as a path or hub id to load: a .gguf file is dequantized once into a model folder."""
+    from marl_ray.model.gguf import GGUFError, resolve_base
+
+    try:
+        return resolve_base(cfg.base)
+    except GGUFError as e:
+        raise ConfigError(f"base: {e}") from None
+
+
 def _pretrained_model(cfg: SFTConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -208,8 +218,8 @@ def _pretrained_model(cfg: SFTConfig):
         kwargs["quantization_config"] = qcfg
     with common.quiet_transformers():
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.base, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+            model = AutoModelForCausalLM.from_pretrained(_base_path(cfg), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(_base_path(cfg))
         except OSError as e:
             raise ConfigError(f"base: cannot load {cfg.base!r} as a causal LM: {e}") from e
     if tokenizer.pad_token is None:
@@ -297,13 +307,14 @@ def _run_sft(cfg: SFTConfig, callbacks: Sequence) -> dict:
     result = "adapter" if cfg.mode == "lora" else "base"
     if cfg.base != "scratch":
         common.check_local_base(cfg.base, "base")
+        _base_path(cfg)  # a .gguf base: refused (named) or converted here, before anything is written
         if cfg.mode == "lora":  # a target name that matches nothing: refused before anything is written
             common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
     train_texts, eval_texts = _texts(cfg)  # data errors (a bad JSONL line) before any model work
     if cfg.base != "scratch" and _chat(train_texts):  # a template to render them with, before any model work
         from transformers import AutoTokenizer
 
-        if not getattr(AutoTokenizer.from_pretrained(cfg.base), "chat_template", None):
+        if not getattr(AutoTokenizer.from_pretrained(_base_path(cfg)), "chat_template", None):
             raise ConfigError(f"data: {cfg.data} holds conversations, but the tokenizer of {cfg.base} has no chat "
                               "template: give it one (tokenizer_config.json chat_template) or give texts")
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "sft", result)
