@@ -117,6 +117,14 @@ class PolicySpec:
     dynamic_sampling: bool = opt(False, "grpo, rloo: leave groups whose rewards are all equal (advantage 0) out of "
                                  "the update; reward/frac_zero_std is logged either way.")
     lr: float = opt(1.41e-5, "Learning rate of this policy's LoRA weights and value head.", gt=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = opt(
+        "constant", "Learning-rate schedule over the run's optimizer steps (ppo.steps x ppo.ppo_epochs x "
+        "ppo.batch_size / ppo.mini_batch_size), as transformers' get_scheduler: constant; linear = decays to 0 at "
+        "the last step; cosine = half a cosine down to 0. Each after the warm-up.")
+    warmup_ratio: float = opt(0.0, "Warm-up as a fraction of the run's optimizer steps (rounded up): the learning "
+                              "rate rises linearly from 0 to lr over them.", ge=0, le=1)
+    warmup_steps: int = opt(0, "Warm-up in optimizer steps (instead of warmup_ratio).", ge=0)
+    weight_decay: float = opt(0.0, "AdamW's decoupled weight decay, on every trainable tensor but biases.", ge=0)
     lora: LoraSpec = opt(LoraSpec, "LoRA shape of this policy's adapter.")
     init_kl_coef: float = opt(0.2, "ppo, reinforce_pp: initial coefficient of the KL penalty in the reward.", ge=0)
     adaptive_kl: bool = opt(True, "Adapt the KL coefficient towards target_kl; false = keep init_kl_coef.")
@@ -147,6 +155,9 @@ class PolicySpec:
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             _fail(_join(at, "reward_weights"), f"{len(self.reward_weights)} weights for {len(self.reward)} rewards "
                   f"{list(self.reward)}: give one per reward, or none")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            _fail(_join(at, "warmup_steps"), f"{self.warmup_steps} and {_join(at, 'warmup_ratio')} "
+                  f"{self.warmup_ratio} are both set: give the warm-up one way, the other 0")
         if self.algorithm in GROUP_ALGORITHMS and self.num_generations < 2:
             _fail(_join(at, "num_generations"), f"{self.algorithm} needs at least 2 completions per prompt (its "
                   f"baseline is the group), got {self.num_generations}; e.g. num_generations: 4")
@@ -214,6 +225,11 @@ class PPOSpec:
         "noise instead of 0 (the demo in bf16 learned as much either way over two seeds). null = on for a "
         "full-precision base (fp32 or bf16), off for a 4/8-bit one. Rollouts from vLLM or HF generate "
         "are always scored by a pass.")
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of each policy in the run (what its learning-rate schedule counts)."""
+        return self.steps * self.ppo_epochs * (self.batch_size // self.mini_batch_size)
 
     def _check(self, at: str) -> None:
         if self.batch_size % self.mini_batch_size:

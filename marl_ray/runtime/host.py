@@ -31,7 +31,7 @@ from marl_ray.runtime.protocol import (
     SamplingSettings, TrainResult,
 )
 from marl_ray.runtime.rows import KeptRowStore, RowsLost
-from marl_ray.runtime.trainer import KEEP_SNAPSHOTS, PolicyTrainer, SnapshotMissing, stat_keys
+from marl_ray.runtime.trainer import KEEP_SNAPSHOTS, PolicyTrainer, SnapshotMissing, stat_keys, warmup_of
 from marl_ray.seeds import policy_seed
 
 __all__ = ["ModelHost", "RowsLost", "SnapshotMissing", "KEEP_SNAPSHOTS"]
@@ -43,7 +43,7 @@ class ModelHost:
     model, rewards, policies, generation: the run config's sections (`config.schema`)."""
 
     def __init__(self, model, rewards, policies, generation, seed: int = 0, torch_threads: int | None = None,
-                 host_index: int = 0):
+                 host_index: int = 0, optimizer_steps: int | None = None):
         tweaks.quiet_known_warnings()  # this process is the host's own (on Ray): its console is the driver's
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
@@ -71,7 +71,10 @@ class ModelHost:
                 # Same seed on every host: replicas start identical; seeded by the policy's name, so a
                 # policy starts alike alone or beside others
                 self.model.add_policy(p.name, cfg, seed=policy_seed(seed, p.name, "init"), value_head=p.critic)
-            self.trainers[p.name] = PolicyTrainer(self.model, p.name, p.lr)
+            # the schedule counts optimizer steps, over the run's PPOSpec.optimizer_steps (as transformers' Trainer)
+            self.trainers[p.name] = PolicyTrainer(
+                self.model, p.name, p.lr, weight_decay=p.weight_decay, lr_scheduler_type=p.lr_scheduler_type,
+                warmup=warmup_of(optimizer_steps or 0, p.warmup_steps, p.warmup_ratio), total_steps=optimizer_steps)
         self.faults = Faults()  # named points where a test makes this process die (runtime/faults.py)
         self.rows = KeptRowStore(host_index)
         self.rng_snapshots: dict[int, dict] = {}  # step -> this process's RNG state at its start
@@ -243,6 +246,11 @@ class ModelHost:
         chunks of that many rows, each scaled the same way, and their gradients and stats are summed."""
         g = self.trainers[policy].gradients(self.rows.assemble(mb), total_tokens, loss)
         return Gradients({k: v.cpu() for k, v in g.grads.items()}, g.stats)
+
+    def lrs(self, policies: list[str]) -> dict[str, float]:
+        """Each policy's learning rate of its latest optimizer step (before any: the one its first will use)."""
+        return {p: self.trainers[p].last_lr if self.trainers[p].last_lr is not None else self.trainers[p].lr
+                for p in policies}
 
     def optim_step(self, policy: str, grads: dict, max_grad_norm: float | None):
         """Apply one optimizer step from (summed) gradients."""

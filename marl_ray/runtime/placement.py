@@ -149,7 +149,8 @@ def start_actors(cfg, seed: int) -> Actors:
     Worker = ray.remote(RolloutWorker)
     threads = max(1, int(round(c.host_num_cpus)))
     hosts = [Host.options(**host_options(pl, i, c.host_num_cpus, c.host_num_gpus, c.max_restarts)).remote(
-        cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=seed, torch_threads=threads, host_index=i)
+        cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=seed, torch_threads=threads, host_index=i,
+        optimizer_steps=cfg.ppo.optimizer_steps)
         for i in range(len(pl.node_ids))]
 
     def worker(w: int, node_id: str):
@@ -168,7 +169,8 @@ def start_inprocess(cfg, seed: int) -> Actors:
 
     c = cfg.cluster
     host = ModelHost(cfg.model, cfg.rewards, cfg.policies, cfg.generation, seed=seed,
-                     torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0)
+                     torch_threads=max(1, int(round(c.host_num_cpus))), host_index=0,
+                     optimizer_steps=cfg.ppo.optimizer_steps)
     workers = [LocalHandle(RolloutWorker(*_worker_args(cfg, w))) for w in range(c.rollout_workers)]
     return Actors([LocalHandle(host)], workers, [0] * c.rollout_workers)
 

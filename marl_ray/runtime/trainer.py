@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -43,11 +44,51 @@ def stat_keys(loss: LossSettings) -> list[str]:
     return sorted(CRITIC_FREE_STATS + (("policy/kl_k3",) if loss.beta > 0 else ()))
 
 
+#: The learning-rate schedule's state travels inside the optimizer's state dict under this key (snapshots,
+#: peers' copies, checkpoint files' optimizer.pt): weights, moments and schedule are restored together.
+SCHEDULE_KEY = "lr_scheduler"
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def warmup_of(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:
+    """Warm-up optimizer steps: warmup_steps, or ceil(warmup_ratio x total_steps) (as transformers)."""
+    return int(warmup_steps) if warmup_steps > 0 else math.ceil(total_steps * warmup_ratio)
+
+
 class PolicyTrainer:
-    def __init__(self, model, name: str, lr: float):
+    """A policy's AdamW (eps 1e-8) with a learning-rate schedule over its optimizer steps.
+
+    lr_scheduler_type constant, linear or cosine (transformers' `get_scheduler`; constant with a
+    warm-up is its constant_with_warmup), with `warmup` steps of linear warm-up from 0, over
+    `total_steps` optimizer steps (needed by linear and cosine). weight_decay: AdamW's decoupled decay,
+    on every trainable tensor but biases (as transformers' Trainer). The defaults (constant, no warm-up,
+    no decay) give the plain AdamW update, bit for bit."""
+
+    def __init__(self, model, name: str, lr: float, weight_decay: float = 0.0, lr_scheduler_type: str = "constant",
+                 warmup: int = 0, total_steps: int | None = None):
+        from transformers import get_scheduler
+
+        if lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"policy {name!r}: lr_scheduler_type {lr_scheduler_type!r} is not one of {SCHEDULES}")
+        if lr_scheduler_type != "constant" and not total_steps:
+            raise ValueError(f"policy {name!r}: a {lr_scheduler_type} schedule needs the run's optimizer steps")
         self.model, self.name = model, name
-        self.optimizer = torch.optim.AdamW(model.policy_parameters(name), lr=lr, eps=1e-8, weight_decay=0.0)
+        params = model.policy_state(name)
+        decay = [p for k, p in params.items() if not k.endswith("bias")]
+        groups = ([{"params": decay, "weight_decay": weight_decay},
+                   {"params": [p for k, p in params.items() if k.endswith("bias")], "weight_decay": 0.0}]
+                  if weight_decay and len(decay) < len(params) else [{"params": list(params.values())}])
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, eps=1e-8, weight_decay=weight_decay)
+        kind = "constant_with_warmup" if lr_scheduler_type == "constant" else lr_scheduler_type
+        self.scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=total_steps)
+        self.last_lr: float | None = None  # the learning rate of the latest optimizer step
         self.snapshots: dict[int, PolicyState] = {}  # step -> the state at its start
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -132,8 +173,23 @@ class PolicyTrainer:
             # compute the same update (bit for bit) with a fraction of the calls.
             if group.get("foreach") is None and not group.get("fused"):
                 group["foreach"] = True
+        self.last_lr = self.lr
         self.optimizer.step()
+        self.scheduler.step()  # the schedule counts optimizer steps (skipped, non-finite updates do not count)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with the schedule's state in it (SCHEDULE_KEY); not copied."""
+        return {**self.optimizer.state_dict(), SCHEDULE_KEY: self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict):
+        """`optimizer_state`'s dict back (one without SCHEDULE_KEY, as files written before schedules,
+        leaves the schedule where it is)."""
+        state = dict(state)
+        schedule = state.pop(SCHEDULE_KEY, None)
+        self.optimizer.load_state_dict(state)
+        if schedule is not None:
+            self.scheduler.load_state_dict(schedule)
 
     # ------------------------------------------------------------ what it holds
     @torch.no_grad()
@@ -164,7 +220,7 @@ class PolicyTrainer:
         self.model.save_policy(self.name, folder)
         if with_optimizer:
             tmp = folder / "optimizer.pt.tmp"
-            torch.save(self.optimizer.state_dict(), tmp)
+            torch.save(self.optimizer_state(), tmp)
             os.replace(tmp, folder / "optimizer.pt")
         return str(folder)
 
@@ -189,20 +245,20 @@ class PolicyTrainer:
                     raise ValueError(f"checkpoint of policy {self.name!r} lacks {k_src}")
                 p.copy_(src[k_src])
         if "optimizer.pt" in files:
-            self.optimizer.load_state_dict(torch.load(io.BytesIO(files["optimizer.pt"]), map_location="cpu",
-                                                      weights_only=False))
+            self.load_optimizer_state(torch.load(io.BytesIO(files["optimizer.pt"]), map_location="cpu",
+                                                 weights_only=False))
         return self.checksum()
 
     # ------------------------------------------------------------ state and snapshots
     def state(self) -> PolicyState:
-        """Weights + optimizer state (copies: later steps do not change them). Weights in CPU memory
+        """Weights + optimizer and schedule state (copies: later steps do not change them). Weights in CPU memory
         (pinned on a CUDA host); the optimizer's state where the optimizer keeps it."""
         pin = self.model.device.type == "cuda"
         weights = {}
         for k, v in self.params.items():
             c = v.detach().to("cpu", copy=True)
             weights[k] = c.pin_memory() if pin else c
-        return PolicyState(weights, copy.deepcopy(self.optimizer.state_dict()))
+        return PolicyState(weights, copy.deepcopy(self.optimizer_state()))
 
     def load_state(self, state: PolicyState):
         """Back to `state`, which stays as it is: the optimizer gets copies of its tensors (load_state_dict
@@ -211,7 +267,7 @@ class PolicyTrainer:
         with torch.no_grad():
             for k, v in state.weights.items():
                 params[k].copy_(v)
-        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
+        self.load_optimizer_state(copy.deepcopy(state.optimizer))
 
     def snapshot(self, tag: int, state: PolicyState | None = None):
         """Keep the state as it is now (or `state`) under `tag`; the older beyond KEEP_SNAPSHOTS go."""

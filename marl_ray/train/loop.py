@@ -305,10 +305,12 @@ class Learner:
                     log.warning("step %d, policy %r: non-finite loss or gradient; update skipped", self.step, p)
         self.hosts.verify(self.policies, f"step {self.step}")  # the replicas agree: caught in the step they part
         out = {p: ({f"{k}_avg": sum(s[k] for s in v) / len(v) for k in v[0]} if v else {}) for p, v in stats.items()}
+        lrs = get(self.hosts[0].lrs.remote(self.policies))  # the learning rate of each one's latest update
         for p in self.policies:
             self.bad_steps[p] = self.bad_steps[p] + 1 if skipped[p] else 0
             self.skip_count[p] += 1 if skipped[p] else 0
             out[p]["skipped/nonfinite"] = self.skip_count[p]
+            out[p]["lr"] = lrs[p]
         return out
 
     @staticmethod
