@@ -55,13 +55,36 @@ def _assert_reproduces(out: Path, summary: dict, baseline: dict):
 
 
 # ---------------------------------------------------------------------------- 1. kill the driver, --resume
-@pytest.mark.parametrize("runtime", ["inprocess", "ray"])
-def test_killed_driver_resumes_to_the_same_result(assets, baseline, tmp_path, runtime):
+# A learning-rate schedule with warm-up: linear over the run's 8 optimizer steps, 2 of warm-up.
+SCHEDULE = {"lr_scheduler_type": "linear", "warmup_steps": 2}
+
+
+def _scheduled(cfg: dict) -> dict:
+    for p in cfg["policies"]:
+        p.update(SCHEDULE)
+    return cfg
+
+
+@pytest.mark.parametrize("runtime, schedule", [("inprocess", False), ("ray", False), ("inprocess", True)],
+                         ids=["inprocess", "ray", "inprocess-linear-warmup"])
+def test_killed_driver_resumes_to_the_same_result(assets, baseline, tmp_path, runtime, schedule):
     """SIGKILL `marl-ray ppo` once checkpoint step-000002 exists, rerun it with --resume: metrics
     step for step, ledger and final adapters equal an uninterrupted run's. With the Ray runtime
-    the driver starts a private Ray on loopback; none of its processes outlive the test."""
+    the driver starts a private Ray on loopback; none of its processes outlive the test. With a
+    linear schedule and warm-up the resumed steps use the uninterrupted run's learning rates (the
+    `lr` metric) and end with its weights: the checkpoint carries the schedule."""
     out = tmp_path / "run"
-    cfg = ru.write_yaml(tmp_path / "cfg.yaml", ru.run_config(assets, out, cluster={"runtime": runtime}))
+    cfg = ru.run_config(assets, out, cluster={"runtime": runtime})
+    if schedule:
+        from marl_ray.stages.ppo import run_ppo
+
+        want = tmp_path / "uninterrupted"
+        summary = run_ppo(ru.load(_scheduled(ru.run_config(assets, want))))
+        baseline = {"out": want, "summary": summary, "metrics": ru.metrics_by_step(want)}
+        lrs = [baseline["metrics"][(s, "up")]["lr"] for s in range(4)]  # each step's last update: 2 s + 1
+        assert lrs == pytest.approx([1e-3 * x for x in (0.5, 5 / 6, 3 / 6, 1 / 6)], rel=1e-12)
+        cfg = _scheduled(cfg)
+    cfg = ru.write_yaml(tmp_path / "cfg.yaml", cfg)
     log1, log2 = tmp_path / "first.log", tmp_path / "resumed.log"
     ray_tmp = tempfile.mkdtemp(prefix="rrel", dir="/tmp") if runtime == "ray" else None
     env = ru.cli_env(**(ru.private_ray_env(ray_tmp) if ray_tmp else {}))
