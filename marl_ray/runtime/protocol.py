@@ -34,6 +34,7 @@ class RolloutPart:
     samples: list[Any]  # Samples, or ObjectRefs to them, in row order
     texts: list[str | None] = field(default_factory=list)  # (N,) the prompt's text (None: given as token ids)
     columns: list[dict] = field(default_factory=list)  # (N,) the prompt row's other fields (for reward functions)
+    messages: list[list[dict] | None] = field(default_factory=list)  # (N,) a conversation's messages, else None
 
 
 @dataclass

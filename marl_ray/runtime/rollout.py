@@ -142,7 +142,8 @@ class RolloutWorker:
                                  None if keep is None else (*keep, self.worker_index))
         texts = [self._text(self.texts[pid]) for pid, _, _ in rows]
         return RolloutPart(self.worker_index, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [ref],
-                           texts, [self.columns[pid] for pid, _, _ in rows])
+                           texts, [self.columns[pid] for pid, _, _ in rows],
+                           [self.texts[pid] if is_conversation(self.texts[pid]) else None for pid, _, _ in rows])
 
     def render(self, messages: list[dict]) -> str:
         """A conversation as the tokenizer's chat template renders it, ready for the assistant's turn."""

@@ -26,6 +26,7 @@ from marl_ray import console
 from marl_ray.algorithms import advantages as adv_math
 from marl_ray.algorithms import ppo
 from marl_ray.algorithms.advantages import PolicyAdvantages
+from marl_ray.data.prompts import is_conversation
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
@@ -57,6 +58,7 @@ class Batch:
     group_ids: list[int] = field(default_factory=list)  # (N,) rows of one prompt under one policy share one
     texts: list = field(default_factory=list)  # (N,) each row's prompt text (None: given as token ids)
     columns: list[dict] = field(default_factory=list)  # (N,) each row's prompt fields (for reward functions)
+    messages: list = field(default_factory=list)  # (N,) a conversational row's prompt messages (None: text)
     # Rows kept where they were sampled (Learner.rollout): (the learner's token, the rollout's id), the host
     # that keeps each row and its index there, and per host the rollout workers whose parts it keeps, in order.
     kept: tuple[str, int] | None = None
@@ -166,6 +168,7 @@ class Learner:
             response_mask=rmask, response_start=P, policies=policies,
             prompt_ids=[i for part in parts for i in part.prompt_ids], rollout=rollout, group_ids=group_ids,
             texts=[t for part in parts for t in part.texts], columns=[c for part in parts for c in part.columns],
+            messages=[m for part in parts for m in part.messages],
             kept=keep, holder=holder, hold_index=hold_index,
             kept_workers=kept_workers)
 
@@ -206,27 +209,37 @@ class Learner:
     def rewards(self, batch: Batch, ev: Evaluation) -> tuple[torch.Tensor, dict[str, dict]]:
         """Each row's total reward (before reward_weight) and, per policy, each reward's mean and std.
 
-        A reward adapter's score comes from `ev`; a reward function is called here, on the decoded
-        completions, with the prompt rows' other fields as keyword columns."""
+        A reward adapter's score comes from `ev`; a reward function is called here as TRL's GRPOTrainer
+        calls it (train/rewards.py): text rows' prompts and completions as strs, conversational rows' as
+        message lists, each completion's token ids, a RewardState, the prompt rows' other fields as columns."""
         if not self.reward_fns:  # reward adapters alone: one adapter per policy
             return ev.scores_B, {p: {} for p in self.policies}
 
-        prompts, completions = self.decoded(batch)
+        texts, decoded = self.decoded(batch)
+        messages = batch.messages or [None] * len(batch.policies)
+        prompts = [t if m is None else [dict(x) for x in m] for t, m in zip(texts, messages)]  # the data's own: copies
+        completions = [c if m is None else [{"role": "assistant", "content": c}] for c, m in zip(decoded, messages)]
+        P = batch.response_start
         total = torch.zeros(len(batch.policies))
         stats = {}
         for p in self.policies:
             rows = batch.rows(p)
             values = {}
-            for name in self.spec[p].reward:
+            spec = self.spec[p]
+            state = reward_fns.RewardState(self.step, self.cfg.ppo.steps, p, spec.algorithm, spec.num_generations)
+            ids = None
+            for name in spec.reward:
                 if name in self.reward_fns:
+                    fn = self.reward_fns[name]
+                    if ids is None and fn.wants("completion_ids"):
+                        ids = [batch.input_ids[i, P:][batch.response_mask[i].bool()].tolist() for i in rows]
                     keys = sorted({k for i in rows for k in batch.columns[i]})
                     cols = {k: [batch.columns[i].get(k) for i in rows] for k in keys}
-                    got = self.reward_fns[name]([prompts[i] for i in rows], [completions[i] for i in rows], cols,
-                                                step=self.step)
+                    got = fn([prompts[i] for i in rows], [completions[i] for i in rows], cols, step=self.step,
+                             completion_ids=ids, trainer_state=state)
                     values[name] = torch.tensor(got, dtype=torch.float32)
                 else:
                     values[name] = ev.scores_B[rows].float()
-            spec = self.spec[p]
             weights = dict(zip(spec.reward, spec.reward_weights or (1.0,) * len(spec.reward)))
             total[rows], stats[p] = reward_fns.combine(values, weights)
         return total, stats
@@ -408,7 +421,8 @@ class Learner:
                       attention_mask=torch.cat([prompt_mask, out.response_mask], 1),
                       response_mask=out.response_mask, response_start=prompt_ids.shape[1], policies=policies,
                       prompt_ids=list(range(n)) * len(self.policies), texts=texts * len(self.policies),
-                      columns=list(columns) * len(self.policies))
+                      columns=list(columns) * len(self.policies),
+                      messages=[p if is_conversation(p) else None for p in prompts] * len(self.policies))
         ev = self.evaluate(batch) if any(self.adapter[p] for p in self.policies) else None
         totals, stats = self.rewards(batch, ev)
         metrics = {}

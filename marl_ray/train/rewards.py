@@ -5,20 +5,31 @@ A ``rewards:`` entry may name a function instead of a reward adapter::
     {name: exact, function: "my_pkg.tasks:exact_match"}      # an importable module
     {name: exact, function: "path/to/task.py:exact_match"}   # a file, relative to the config's folder or the cwd
 
-The function has the signature of TRL's GRPOTrainer reward functions::
+The function is called as TRL's GRPOTrainer calls reward functions::
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns) -> list[float | None]
 
-where ``columns`` are the prompt data set's other fields (for example ``answer``), one entry per completion.
+with one entry per completion in each list, in the forms TRL passes them:
+
+* text data: each prompt and each completion a ``str``;
+* conversational data (prompts are lists of ``{role, content}`` messages): each prompt its list of messages
+  and each completion ``[{"role": "assistant", "content": TEXT}]``;
+* ``completion_ids``: each completion's token ids (up to and including the EOS or end-of-turn token that
+  ended it); ``trainer_state``: a ``RewardState`` (``global_step``, ``max_steps``, ``policy``, ...);
+* ``columns``: the prompt data set's other fields (for example ``answer``).
+
 ``None`` means "not applicable" and becomes NaN; an ``async def`` function is awaited in a fresh event loop.
 Every function TRL accepts works here. We are a little more lenient: a function without ``**kwargs`` gets
-only the columns it names (TRL always passes every column, so there it needs ``**kwargs``).
+only the keywords it names (TRL always passes every column, ``completion_ids`` and ``trainer_state``, so
+there it needs ``**kwargs`` or all of their names). TRL's ``log_extra``, ``log_metric`` and ``environments``
+are not provided.
 
 ``combine`` forms the weighted total exactly as TRL 1.16's GRPOTrainer (``sum_then_normalize``) does: a
 weighted ``nansum`` over the rewards, NaN where every reward of a row is NaN, and nan-aware per-reward stats.
 
 Problems found before a run are ``ConfigError``s whose message starts with the config field
-(``rewards[1].function: ...``); problems while calling a function are ``RewardFunctionError``s naming it.
+(``rewards[1].function: ...``); problems while calling a function are ``RewardFunctionError``s naming it
+(and, where it failed on the data's form, saying which form it got).
 """
 
 from __future__ import annotations
@@ -46,11 +57,15 @@ import torch
 from marl_ray.algorithms.rewards import combine, nanstd
 from marl_ray.config import ConfigError
 
-__all__ = ["RewardFunction", "RewardFunctionError", "check_function", "combine", "load_function", "nanstd"]
+__all__ = ["RewardFunction", "RewardFunctionError", "RewardState", "check_function", "combine", "load_function",
+           "nanstd"]
 
 _STANDARD = ("prompts", "completions")
-# Keyword arguments TRL's GRPOTrainer passes besides the data columns; we do not provide them.
-_TRL_EXTRAS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+# Keyword arguments TRL's GRPOTrainer passes besides prompts, completions and the data columns, which the
+# learner passes too (each to a function that accepts it: by name or through **kwargs).
+_PROVIDED = ("completion_ids", "trainer_state")
+# Keyword arguments TRL's GRPOTrainer passes that we do not provide.
+_TRL_EXTRAS = ("log_extra", "log_metric", "environments")
 _SHAPE = "fn(prompts, completions, **columns) -> list[float | None]"
 _counter = itertools.count()
 
@@ -213,7 +228,7 @@ class _Signature:
         return self.var_kw or name in self.named
 
     def columns_required(self) -> tuple[str, ...]:
-        return tuple(n for n in self.required if n not in _STANDARD)
+        return tuple(n for n in self.required if n not in _STANDARD and n not in _PROVIDED)
 
     def problem(self) -> str:
         """Why the function cannot be called as fn(prompts=..., completions=..., **columns), or ''."""
@@ -237,6 +252,43 @@ def _missing_text(missing: Sequence[str], columns: Sequence[str], what: str) -> 
     hint = f"; TRL's {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not provided here" if extra else ""
     return (f"requires {'keyword' if len(missing) == 1 else 'keywords'} {names} that {what} does not have "
             f"({_columns_text(columns)}){hint}")
+
+
+# ------------------------------------------------------------------------------------------ the forms
+
+
+@dataclass(frozen=True)
+class RewardState:
+    """What a reward function's ``trainer_state`` holds: the run's progress, as TRL's GRPOTrainer passes its
+    ``TrainerState`` (fields named as there where they mean the same).
+
+    ``global_step``: updates done so far (0 while the first step's completions are scored; the number of
+    steps done in a held-out evaluation); ``max_steps``: the run's ``ppo.steps``; ``policy``: the policy
+    whose completions are scored; ``algorithm`` and ``num_generations``: that policy's."""
+
+    global_step: int
+    max_steps: int
+    policy: str = ""
+    algorithm: str = ""
+    num_generations: int = 1
+
+
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(m, Mapping) for m in x)
+
+
+def _form_text(completions: Sequence) -> str:
+    """Which form of data a call gave, in words, for an error message."""
+    conv = [_is_messages(c) for c in completions]
+    if conv and all(conv):
+        return ("it got conversational data: each prompt a list of {role, content} messages and each completion "
+                "[{'role': 'assistant', 'content': TEXT}], as TRL's GRPOTrainer passes a conversational data set "
+                "(read a completion's text as completion[0]['content'])")
+    if any(conv):
+        return ("it got both forms: message lists for the conversational rows of the data, strs for its text "
+                "rows")
+    return ("it got text data: each prompt and each completion a str, as TRL's GRPOTrainer passes a text data "
+            "set (message lists come only with conversational prompts)")
 
 
 # --------------------------------------------------------------------------------------------- calling
@@ -338,38 +390,59 @@ class RewardFunction:
         return RewardFunctionError(f"reward function {self.name!r} ({self.spec}){at}: {msg}", self.name, self.spec,
                                    step)
 
+    def wants(self, name: str) -> bool:
+        """Whether the function takes keyword ``name`` (by name or through **kwargs)."""
+        return self._sig.accepts(name)
+
     def _kwargs(self, prompts: list, completions: list, columns: Mapping[str, Sequence],
-                step: Optional[int]) -> dict[str, Any]:
+                step: Optional[int], extras: Mapping[str, Any]) -> dict[str, Any]:
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"reward function {self.name!r}: {len(prompts)} prompts for {n} completions "
                              f"(repeat each prompt once per completion)")
-        clash = [c for c in _STANDARD if c in columns]
+        clash = [c for c in (*_STANDARD, *_PROVIDED) if c in columns]
         if clash:
             raise ValueError(f"reward function {self.name!r}: a data column may not be called {clash[0]!r}")
         for c, vals in columns.items():
             if len(vals) != n:
                 raise ValueError(f"reward function {self.name!r}: column {c!r} has {len(vals)} entries for {n} "
                                  f"completions")
+        ids = extras.get("completion_ids")
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"reward function {self.name!r}: {len(ids)} completion_ids for {n} completions")
         missing = [c for c in self._sig.columns_required() if c not in columns]
         if missing:
             raise self._error(_missing_text(missing, list(columns), "the data"), step)
+        unsent = [k for k in _PROVIDED if k in self._sig.required and extras.get(k) is None]
+        if unsent:
+            raise self._error(f"requires {', '.join(map(repr, unsent))}, which this call does not give (the "
+                              f"learner gives completion_ids and trainer_state to every call)", step)
         kwargs = {"prompts": prompts, "completions": completions}
         kwargs.update((k, v) for k, v in columns.items() if self._sig.accepts(k))  # without **kwargs: its own
+        kwargs.update((k, v) for k, v in extras.items() if v is not None and self._sig.accepts(k))
         return kwargs
 
-    def __call__(self, prompts: list[str], completions: list[str], columns: Optional[Mapping[str, Sequence]] = None,
-                 *, step: Optional[int] = None) -> list[float]:
-        """One float per completion (NaN = not applicable). ``step`` only goes into error messages."""
+    def __call__(self, prompts: list, completions: list, columns: Optional[Mapping[str, Sequence]] = None,
+                 *, step: Optional[int] = None, completion_ids: Optional[Sequence[Sequence[int]]] = None,
+                 trainer_state: Optional[RewardState] = None) -> list[float]:
+        """One float per completion (NaN = not applicable). ``step`` only goes into error messages.
+
+        ``prompts``/``completions``: strs (text data) or message lists (conversational data, see the module
+        docstring); ``completion_ids`` and ``trainer_state`` go to a function that accepts them."""
         columns = {} if columns is None else columns
         prompts, completions = list(prompts), list(completions)
-        kwargs = self._kwargs(prompts, completions, columns, step)
+        extras = {"completion_ids": None if completion_ids is None else [list(c) for c in completion_ids],
+                  "trainer_state": trainer_state}
+        kwargs = self._kwargs(prompts, completions, columns, step, extras)
         try:
             out = self.fn(**kwargs)
             if inspect.isawaitable(out):
                 out = _run_coroutine(out)
         except Exception as e:
-            raise self._error(f"raised {type(e).__name__}: {e}{_where(e)}", step) from e
+            # a function written for the other form of data fails on indexing or on a str/list method
+            form = (f"; {_form_text(completions)}"
+                    if isinstance(e, (TypeError, KeyError, IndexError, AttributeError)) else "")
+            raise self._error(f"raised {type(e).__name__}: {e}{_where(e)}{form}", step) from e
         return self._validate(out, len(completions), step)
 
     def _validate(self, out: Any, n: int, step: Optional[int]) -> list[float]:
@@ -408,7 +481,7 @@ def check_function(fn: RewardFunction, field: str, columns: Sequence[str]) -> No
     problem = fn._sig.problem()
     if problem:
         raise _fail(field, f"reward function {fn.name!r} ({fn.spec}) {problem}")
-    clash = [c for c in _STANDARD if c in columns]
+    clash = [c for c in (*_STANDARD, *_PROVIDED) if c in columns]
     if clash:
         raise _fail(field, f"the prompt data has a column {clash[0]!r}, which clashes with the argument reward "
                            f"function {fn.name!r} ({fn.spec}) gets; rename the column")

@@ -1,6 +1,6 @@
 """Conversational prompts end to end (in-process runtime, the learner of the Ray runs): a JSONL of
 {messages, topic} rows on a base whose tokenizer has a ChatML chat template. The worker renders each
-conversation with the template (generation prompt added), reward functions see the rendered text and
+conversation with the template (generation prompt added), reward functions see the conversation's messages and
 the row's other columns, and a completion stops at the template's end of turn (<|im_end|>) as at EOS."""
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ def test_grpo_and_ppo_on_conversations(chat_assets, tmp_path):
     learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host)
     metrics = learner.run_step()
     for p in ("g", "p"):
-        assert metrics[p]["rewards/chat/mean"] == 1.0, metrics[p]  # rendered prompts with their columns
+        assert metrics[p]["rewards/chat/mean"] == 1.0, metrics[p]  # the conversations with their columns
 
 
 def _chat_config(chat_assets, out, steps=1, **data):
     return {
         "model": {"base": chat_assets["base"]},
-        "rewards": [{"name": "chat", "function": f"{FNS}:rendered_with_topic"},
+        "rewards": [{"name": "chat", "function": f"{FNS}:conversation_with_topic"},
                     {"name": "short", "function": f"{FNS}:short"}],
         "policies": [{"name": "g", "reward": ["chat", "short"], "algorithm": "grpo", "num_generations": 2,
                       "lr": 1e-3, "lora": {"r": 4, "alpha": 8}},
@@ -87,7 +87,7 @@ def test_held_out_conversations_are_scored_before_during_and_after(chat_assets, 
     rows = read_metrics(tmp_path / "run" / "eval.jsonl")
     assert sorted((r["step"], r["policy"]) for r in rows) == [(s, p) for s in (0, 1, 2) for p in ("g", "p")]
     for r in rows:
-        assert r["eval/rewards/chat/mean"] == 1.0, r  # rendered conversations, with their topic column
+        assert r["eval/rewards/chat/mean"] == 1.0, r  # the conversations, with their topic column
         assert r["eval/reward"] == pytest.approx(1.0 + r["eval/rewards/short/mean"])
         assert 1 <= r["eval/length"] <= 6
     assert summary["eval"]["steps"] == [0, 2] and summary["eval"]["prompts"] == 3

@@ -91,6 +91,10 @@ def needs_trainer_state(prompts, completions, trainer_state):
     return [0.0]
 
 
+def needs_log_metric(prompts, completions, log_metric):
+    return [0.0]
+
+
 class Scorer:
     def __call__(self, prompts, completions, **kwargs):
         return [0.5] * len(completions)
@@ -398,8 +402,9 @@ def test_check_function_missing_column():
 
 
 def test_check_function_trl_extras_hint():
-    with pytest.raises(ConfigError, match="TRL's trainer_state is not provided here"):
-        check_function(RewardFunction("t", needs_trainer_state), FIELD, ["answer"])
+    check_function(RewardFunction("t", needs_trainer_state), FIELD, ["answer"])  # given by the learner, as TRL
+    with pytest.raises(ConfigError, match="TRL's log_metric is not provided here"):
+        check_function(RewardFunction("m", needs_log_metric), FIELD, ["answer"])
 
 
 def test_check_function_bad_signature_and_clashing_column():
