@@ -314,12 +314,43 @@ class RunSpec:
         "file://...; pyarrow's options after '?'), as Ray Train's storage_path. null = out_dir, with the policies' "
         "files sent through the driver (for a cluster without shared storage).")
     keep_last: int = opt(2, "Number of most recent checkpoints to keep.", ge=1)
-    tensorboard: bool = opt(True, "Write TensorBoard event files into out_dir.")
-    progress: bool = opt(True, "Show a progress bar.")
+    report_to: tuple[str, ...] = opt(
+        ("tensorboard",), "Where metrics go besides out_dir/metrics.jsonl (always written), as TRL's report_to: "
+        "tensorboard (event files in out_dir/tensorboard), wandb (Weights & Biases; pip install wandb), mlflow "
+        "(pip install mlflow-skinny), or none. One name or a list.", one_or_many=True)
+    tensorboard: bool = opt(True, "false = leave tensorboard out of report_to (the older switch; prefer report_to).")
+    progress: Union[bool, Literal["auto"]] = opt(
+        "auto", "Show a progress bar: auto = only when the console is a terminal (stderr is a tty); otherwise, as "
+        "under `ray job submit`, one line per policy per step ('step N policy P: ...', flushed as it is written). "
+        "true = always a bar, false = always the lines. --quiet shows neither.")
     log_samples: int = opt(2, "Per policy per step, write this many samples (prompt, completion, reward and the "
                            "row's other fields) to out_dir/samples.jsonl; 0 = none.", ge=0)
     eval_every: int = opt(0, "With held-out prompts (data.eval_prompts or data.eval_fraction): evaluate every N "
                           "steps as well as before the first and after the last; 0 = before and after only.", ge=0)
+
+
+    @property
+    def loggers(self) -> tuple[str, ...]:
+        """The metric writers of report_to, less tensorboard when tensorboard is false."""
+        return tuple(r for r in self.report_to if r != "none" and (self.tensorboard or r != "tensorboard"))
+
+    def _check(self, at: str) -> None:
+        import importlib.util
+
+        field = _join(at, "report_to")
+        for r in self.report_to:
+            if r not in REPORT_TO:
+                _fail(field, f"{r!r} is not one of {', '.join(REPORT_TO)}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            _fail(field, f"{list(self.report_to)}: none means no logger; give it alone")
+        for r in self.report_to:  # an optional logger that is not installed fails here, before any actor
+            if r in REPORT_PACKAGES and importlib.util.find_spec(r) is None:
+                _fail(field, f"{r} is not installed in this environment: pip install {REPORT_PACKAGES[r]} "
+                      f"(or leave {r} out)")
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+REPORT_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny"}  # module -> the pip package that gives it
 
 
 @spec

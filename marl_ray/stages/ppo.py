@@ -136,7 +136,9 @@ def run_ppo(cfg: PPORunConfig, on_step=None, keep_ray: bool = False, gold_fn=Non
         init_ray(cfg.cluster.address)
     actors, learner = None, None
     # per-step lines on the console only without a progress bar (the bar shows each policy's reward)
-    logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard,
+    from marl_ray.config import to_dict
+
+    logger = MetricsLogger(out, report_to=cfg.run.loggers, config=to_dict(cfg),
                            echo=not console.progress(cfg.run.progress) and not console.quiet())
     file_log = contextlib.ExitStack()  # out/log.txt, once the run is past its refusals
     try:
