@@ -79,7 +79,7 @@ def measure(a: dict, workdir: Path, hosts: int, r: int, steps: int, skip: int) -
 
     from marl_ray.stages.ppo import run_ppo
 
-    cfg = grad_sync.config(a, workdir / f"out-{hosts}-{r}", hosts, r, "collective", skip + steps)
+    cfg = grad_sync.config(a, workdir / f"out-{hosts}-{r}", hosts, r, skip + steps)
     marks = []
     with Meter() as meter:
         run_ppo(cfg, keep_ray=True, on_step=lambda step, m: marks.append((meter.sent, meter.received, meter.calls)))

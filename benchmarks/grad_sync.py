@@ -1,28 +1,13 @@
-"""Gradient summing among the hosts (cluster.grad_sync collective) against through the driver; prints JSON.
+"""Why several hosts sum their gradients among themselves: the projection on paper; prints JSON.
 
-    python benchmarks/grad_sync.py                      # about 3 minutes on 2 CPU cores
-    python benchmarks/grad_sync.py --projection-only    # the paper projection alone (no Ray)
+    python benchmarks/grad_sync.py
 
-On a `ray.cluster_utils.Cluster` of 3 raylets on 127.0.0.1 (token auth, a private temp dir, stopped by
-pid at the end), a `small` Llama base (H=256, 4 layers, built here, seeded) trains two policies for a
-few PPO steps with 1, 2 and 3 model hosts (one per node, a rollout worker each), LoRA on every
-linear layer at two ranks, with rows kept on the hosts (`cluster.keep_rows`, the default) and sent by
-the driver, gradients summed host to host and (2-3 hosts) through the driver. Reported per configuration:
-
-- driver bytes per RL step: the pickled size of everything the learner received from the hosts and
-  sent to them (the samples; the scoring requests and scores; with rows kept on the hosts, the
-  advantages once and per minibatch row indices and references, else per minibatch the rows'
-  tensors; the driver path also each host's gradients and the summed gradients, put once;
-  statistics and checksums), metered in the driver process (`HostGroup.traffic`), averaged over the
-  measured steps, by kind (`by_kind_per_step`); prompts and reward texts are not metered;
-- gradient bytes per minibatch (fp32 LoRA + value head of one policy) and minibatches per step;
-- time/train_s and time/step_s (median over the measured steps).
-
-Then side by sides on 2 hosts at the larger rank, each a fresh set of actors per run, `--pairs` times
-alternating: collective against driver (per pair the ratio of median train-phase times, collective /
-driver), and rows kept on the hosts against rows sent by the driver (collective; kept / sent).
-
-Finally the projection on paper for 7B and 70B bases (docs/cluster.md has the formula).
+For 7B and 70B Llama bases with LoRA r=16 on every linear layer: the bytes one policy's gradients
+would move per RL step through the driver's node if the driver summed them (N hosts' gradients in,
+the sum out to N hosts) against the bytes per host of the ring allreduce the hosts run among
+themselves (`runtime/collective.py`), and the time each takes at 100 Gbit/s per node
+(docs/cluster.md has the formula). The driver's measured bytes per step are in
+benchmarks/driver_bytes.py, which also takes its loopback cluster and small base from here.
 """
 
 from __future__ import annotations
@@ -35,10 +20,8 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +139,7 @@ def _stop_procs_of(marker: str):
             p.kill()
 
 
-# ------------------------------------------------------------------ one configuration
+# ------------------------------------------------------------------ the small base and a run's config
 def assets(workdir: Path) -> dict:
     from marl_ray.data import domain
     from marl_ray.data.tiny import build_tiny
@@ -169,7 +152,7 @@ def assets(workdir: Path) -> dict:
     return {"base": str(base), "reward": f"{reward}:length"}
 
 
-def config(a: dict, out: Path, hosts: int, r: int, sync: str, steps: int, keep_rows: bool = True):
+def config(a: dict, out: Path, hosts: int, r: int, steps: int):
     from marl_ray.config import PPORunConfig, load_config
 
     lora = {"r": r, "alpha": 2 * r, "target_modules": "all-linear"}
@@ -180,113 +163,16 @@ def config(a: dict, out: Path, hosts: int, r: int, sync: str, steps: int, keep_r
                      {"name": "down", "reward": "len", "reward_weight": -1.0, "lr": 1e-4, "lora": lora}],
         "generation": {"max_new_tokens": 8},
         "ppo": {"steps": steps, "batch_size": 6, "mini_batch_size": 3, "ppo_epochs": 2},
-        "cluster": {"num_hosts": hosts, "rollout_workers": hosts, "host_num_cpus": 1, "grad_sync": sync,
-                    "keep_rows": keep_rows},
+        "cluster": {"num_hosts": hosts, "rollout_workers": hosts, "host_num_cpus": 1},
         "run": {"out_dir": str(out), "tensorboard": False, "progress": False, "save_every": 0},
     })
 
 
-def measure(a: dict, workdir: Path, hosts: int, r: int, sync: str, steps: int, warmup: int = 1,
-            keep_rows: bool = True) -> dict:
-    from marl_ray.runtime.handles import get
-    from marl_ray.runtime.host_group import Traffic
-    from marl_ray.runtime.placement import shutdown_actors, start_actors
-    from marl_ray.train.loop import Learner
-
-    cfg = config(a, workdir / f"out-{hosts}-{r}-{sync}-{keep_rows}", hosts, r, sync, warmup + steps, keep_rows)
-    actors = start_actors(cfg, seed=0)
-    try:
-        learner = Learner(cfg, actors.hosts, actors.workers, actors.worker_host, host_nodes=actors.host_nodes)
-        for _ in range(warmup):
-            learner.run_step()
-        traffic, times = Traffic(), []
-        learner.hosts.traffic = traffic
-        for _ in range(steps):
-            times.append(learner.run_step()["up"])
-        sums = learner.checksums()
-        assert all(len(set(v)) == 1 for v in sums.values()), sums
-        state = get(actors.hosts[0].get_state.remote("up"))
-        grad_bytes = sum(t.numel() * 4 for t in state.weights.values())
-        g = cfg.ppo
-        mb = g.ppo_epochs * (g.batch_size // g.mini_batch_size) * len(cfg.policies)
-        return {"hosts": hosts, "lora_r": r, "grad_sync": sync if hosts > 1 else "one host (nothing to sum)",
-                "collective": learner.hosts.collective, "rows": "kept on the hosts" if keep_rows else "sent by the driver",
-                "grad_bytes_per_minibatch": grad_bytes,
-                "minibatches_per_step": mb,
-                "driver_bytes_per_step": traffic.total // steps,
-                "driver_sent_per_step": traffic.sent // steps, "driver_received_per_step": traffic.received // steps,
-                "by_kind_per_step": {k: v // steps for k, v in sorted(traffic.by_kind.items())},
-                "train_s_median": statistics.median(m["time/train_s"] for m in times),
-                "step_s_median": statistics.median(m["time/step_s"] for m in times)}
-    finally:
-        shutdown_actors(actors.workers + actors.hosts, actors.pg)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", default="8,64", help="LoRA ranks (all-linear), comma-separated")
-    ap.add_argument("--hosts", default="1,2,3")
-    ap.add_argument("--steps", type=int, default=2, help="measured steps per configuration (after 1 warm-up)")
-    ap.add_argument("--pairs", type=int, default=3, help="collective/driver pairs of the 2-host side by side")
-    ap.add_argument("--pair-steps", type=int, default=4)
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--projection-only", action="store_true")
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     out = {"projection": projection()}
-    if not args.projection_only:
-        import torch
-
-        torch.set_num_threads(1)
-        ranks = [int(x) for x in args.ranks.split(",")]
-        host_counts = [int(x) for x in args.hosts.split(",")]
-        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="grad_sync_"))
-        a = assets(workdir)
-        rows, pairs, row_pairs = [], [], []
-        with loopback_cluster(max(host_counts + [2])):
-            for r in ranks:
-                for n in host_counts:
-                    paths = [("collective", True), ("collective", False)] + ([("driver", True)] if n > 1 else [])
-                    for sync, keep in paths:
-                        rows.append(measure(a, workdir, n, r, sync, args.steps, keep_rows=keep))
-                        print(json.dumps(rows[-1]), file=sys.stderr)
-            for i in range(args.pairs):
-                order = ("collective", "driver") if i % 2 == 0 else ("driver", "collective")
-                got = {s: measure(a, workdir, 2, max(ranks), s, args.pair_steps) for s in order}
-                pairs.append({"pair": i, "order": list(order),
-                              "train_s": {s: got[s]["train_s_median"] for s in order},
-                              "step_s": {s: got[s]["step_s_median"] for s in order},
-                              "train_ratio_collective_over_driver":
-                                  got["collective"]["train_s_median"] / got["driver"]["train_s_median"],
-                              "step_ratio_collective_over_driver":
-                                  got["collective"]["step_s_median"] / got["driver"]["step_s_median"]})
-                print(json.dumps(pairs[-1]), file=sys.stderr)
-            for i in range(args.pairs):  # rows kept on the hosts against rows sent by the driver (collective)
-                order = (True, False) if i % 2 == 0 else (False, True)
-                got = {k: measure(a, workdir, 2, max(ranks), "collective", args.pair_steps, keep_rows=k) for k in order}
-                row_pairs.append({"pair": i, "order": ["kept" if k else "sent" for k in order],
-                                  "train_s": {"kept": got[True]["train_s_median"], "sent": got[False]["train_s_median"]},
-                                  "step_s": {"kept": got[True]["step_s_median"], "sent": got[False]["step_s_median"]},
-                                  "train_ratio_kept_over_sent": got[True]["train_s_median"] / got[False]["train_s_median"],
-                                  "step_ratio_kept_over_sent": got[True]["step_s_median"] / got[False]["step_s_median"]})
-                print(json.dumps(row_pairs[-1]), file=sys.stderr)
-        out["driver_bytes"] = rows
-        if row_pairs:
-            out["rows_kept_vs_sent_2_hosts"] = {
-                "lora_r": max(ranks), "pairs": row_pairs,
-                "train_ratio_median": statistics.median(p["train_ratio_kept_over_sent"] for p in row_pairs),
-                "step_ratio_median": statistics.median(p["step_ratio_kept_over_sent"] for p in row_pairs)}
-        ratios = [p["train_ratio_collective_over_driver"] for p in pairs]
-        out["side_by_side_2_hosts"] = {
-            "lora_r": max(ranks), "pairs": pairs,
-            "train_ratio_median": statistics.median(ratios) if ratios else None,
-            "train_ratio_range": [min(ratios), max(ratios)] if ratios else None,
-            "step_ratio_median": statistics.median(p["step_ratio_collective_over_driver"] for p in pairs)
-            if pairs else None}
-        out["setup"] = {"model": "small Llama (H=256, 4 layers), fp32, LoRA all-linear", "cpus": os.cpu_count(),
-                        "nodes": "ray.cluster_utils.Cluster on 127.0.0.1, 1 CPU each, one host per node",
-                        "ppo": "batch 6 prompts x 2 policies, mini_batch 3, 2 epochs, 8 new tokens",
-                        "command": "python benchmarks/grad_sync.py " + " ".join(argv or sys.argv[1:])}
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:

@@ -159,12 +159,21 @@ def _coerce(tp: Any, v: Any, path: str) -> Any:
     _fail(path, f"expected {'a string' if tp is str else tp.__name__}, {got}{hint}")
 
 
+#: Keys an earlier version read, and why they are gone (an old config gets this instead of "unknown key").
+REMOVED = {
+    "cluster.keep_rows": "rows always stay on the host that sampled them",
+    "cluster.grad_sync": "several model hosts always sum gradients among themselves (the collective)",
+}
+
+
 def _build(cls: type[T], data: Any, path: str = "") -> T:
     if not isinstance(data, Mapping):
         _fail(path, f"expected a mapping of {cls.__name__} fields, got {type(data).__name__} {data!r}")
     known = {f.name: f for f in fields(cls) if f.init}
     for key in data:
         if key not in known:
+            if _join(path, str(key)) in REMOVED:
+                _fail(_join(path, str(key)), f"removed: {REMOVED[_join(path, str(key))]}; delete the key")
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             _fail(_join(path, str(key)), f"unknown key; {hint}valid keys: {', '.join(known)}")

@@ -251,16 +251,6 @@ class ClusterSpec:
                             "restores it and redoes the step.", ge=0)
     rollout_workers: int = opt(2, "Number of rollout workers generating responses in parallel.", ge=1)
     placement: Literal["spread", "node_affinity"] = opt("spread", "Host placement: Ray SPREAD or pinned to nodes.")
-    keep_rows: bool = opt(
-        True, "Rows stay on the host that sampled them: it scores them there and keeps them, with their scores "
-        "and advantages, for the step's updates; per minibatch the driver sends each host row indices, and a "
-        "host whose share is more than it keeps gets rows lent by another host, host to host. false = the "
-        "driver gathers every row and sends each host its rows' tensors per minibatch (the earlier path).")
-    grad_sync: Literal["collective", "driver"] = opt(
-        "collective", "How several model hosts sum a minibatch's gradients: collective = among themselves (a "
-        "torch.distributed group of the hosts, allreduce in buckets; the driver only sends which rows and "
-        "receives statistics and checksums); driver = each host sends its gradients to the driver, which sums them and "
-        "sends the sum back (the fallback). One host sums nothing either way.")
     collective_backend: Literal["auto", "gloo", "nccl"] = opt(
         "auto", "Backend of the hosts' group: auto = nccl when the hosts hold the model on a GPU, else gloo.")
     collective_timeout_s: float = opt(

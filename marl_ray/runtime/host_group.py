@@ -5,18 +5,14 @@ only skips moving gradients when there is nothing to sum). Every host holds a re
 policy; the replicas must agree bit for bit (compared once a step, by a fingerprint each host
 reduces where its tensors live: `verify`).
 
-Gradients are summed one of two ways (`cluster.grad_sync`):
-- collective (default for more than one Ray host): the hosts form a torch.distributed process
-  group among themselves (`runtime/collective.py`) and allreduce their gradients host to host; the
-  driver sends each host which rows of the minibatch it takes and receives the summed statistics,
-  whatever the adapter's size and the number of hosts.
-- driver: each host returns its gradients, the driver sums them and every host fetches the sum from
-  the object store (in-process groups, and the fallback).
-
-Rows (`cluster.keep_rows`, default on): each host keeps the rows it sampled, scores them
-(`score_kept`) and, once the learner has their advantages (`keep_advantages`), trains on them: a
-minibatch shard is a `KeptRows` (row indices), and rows past their holder's share are lent to a host
-short of its share (`assign`), host to host. Off: the driver sends each host its rows' tensors.
+One update path: each host keeps the rows it sampled, scores them (`score_kept`) and, once the
+learner has their advantages (`keep_advantages`), trains on them. A minibatch shard is a `KeptRows`
+(row indices); rows past their holder's share are lent to a host short of its share (`assign`), host
+to host. One host steps alone; several Ray hosts form a torch.distributed process group among
+themselves (`runtime/collective.py`) and allreduce their gradients host to host: the driver sends
+each host which rows of the minibatch it takes and receives the summed statistics, whatever the
+adapter's size and the number of hosts. (A group of in-process hosts, which tests and debugging
+build, sums its hosts' gradients in this process instead: it has no processes to form a group of.)
 """
 
 from __future__ import annotations
@@ -35,9 +31,8 @@ from marl_ray.runtime.trainer import SnapshotMissing
 
 @dataclass(frozen=True)
 class GradSync:
-    """How a multi-host group sums gradients (from `cluster`: grad_sync, collective_backend, ...)."""
+    """How the hosts' collective group runs (from `cluster`: collective_backend, collective_timeout_s, ...)."""
 
-    mode: str = "collective"  # collective | driver
     backend: str = "auto"  # auto (gloo on CPUs, nccl on CUDA) | gloo | nccl
     timeout_s: float = 300.0  # every collective (and the group's start) fails after this long
     comm_dtype: str = "fp32"  # fp32 | bf16: the dtype gradients travel in
@@ -45,7 +40,7 @@ class GradSync:
 
     @classmethod
     def from_cluster(cls, c) -> "GradSync":
-        return cls(c.grad_sync, c.collective_backend, c.collective_timeout_s, c.grad_comm_dtype, c.grad_bucket_mb)
+        return cls(c.collective_backend, c.collective_timeout_s, c.grad_comm_dtype, c.grad_bucket_mb)
 
 
 @dataclass
@@ -118,8 +113,8 @@ class HostGroup:
     # ------------------------------------------------------------ the hosts' collective group
     @property
     def collective(self) -> bool:
-        """True when updates are summed host to host (several Ray hosts, grad_sync collective)."""
-        return self.sync.mode == "collective" and not self.local and len(self.hosts) > 1
+        """True when updates are summed host to host (several Ray hosts)."""
+        return not self.local and len(self.hosts) > 1
 
     def configure(self, sync: GradSync):
         """Take the run's settings; a changed setting drops the current group (formed again on use)."""

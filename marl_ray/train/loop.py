@@ -30,7 +30,7 @@ from marl_ray.data.prompts import is_conversation
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
-from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, Minibatch, RolloutScores
+from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, RolloutScores
 from marl_ray.seeds import policy_seed
 from marl_ray.storage import Storage
 from marl_ray.train import resilience
@@ -136,8 +136,7 @@ class Learner:
         shares = [len(r) for r in split(self.cfg.ppo.batch_size, len(self.workers))]
         seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
         self.rollouts += 1
-        # cluster.keep_rows: the hosts keep the rows they sample, to score and train on them
-        keep = (self.token, self.rollouts) if self.cfg.cluster.keep_rows else None
+        keep = (self.token, self.rollouts)  # the hosts keep the rows they sample, to score and train on them
         parts = get([self.workers[w].rollout.remote(self.hosts[self.worker_host[w]], k, self.rollout_policies,
                                                     self.sampling, seed + w * 7919, keep)
                      for w, k in enumerate(shares)])  # in worker order: deterministic for a seed
@@ -261,16 +260,9 @@ class Learner:
             out[p] = a
         return out
 
-    def minibatch(self, batch: Batch, ev: Evaluation, a: PolicyAdvantages, local: list[int]) -> Minibatch:
-        """Rows a.rows[local] of a policy as a minibatch (local: indices into the policy's rows)."""
-        sel = [a.rows[i] for i in local]
-        ref = ev.ref_logprobs_BR[sel] if self.spec[batch.policies[sel[0]]].beta > 0 else None
-        return Minibatch(batch.input_ids[sel], batch.attention_mask[sel], batch.response_start, a.mask[local],
-                         ev.logprobs_BR[sel], ev.values_BR[sel], a.advantages[local], a.returns[local], ref)
-
     def train(self, batch: Batch, ev: Evaluation, adv: dict[str, PolicyAdvantages]) -> dict[str, dict]:
         """ppo_epochs passes; each minibatch's rows (mini_batch_size prompts x num_generations) are split
-        over the hosts, gradients summed (host to host with cluster.grad_sync collective), one step everywhere."""
+        over the hosts (each takes the rows it keeps first), gradients summed host to host, one step everywhere."""
         self.hosts.configure(GradSync.from_cluster(self.cfg.cluster))
         self.hosts.ensure_group()  # formed when fit starts and again after a recovery; a restarted host shows here
         g = self.cfg.ppo
@@ -284,8 +276,8 @@ class Learner:
             if not adv[p].finite:
                 skipped[p] += 1
                 log.warning("step %d, policy %r: non-finite reward/advantage; its update is skipped", self.step, p)
-        if batch.kept is not None:  # the hosts keep the rows: send each its rows' advantages, once
-            self.hosts.keep_advantages(batch.kept[0], adv, batch.holder, batch.hold_index, batch.response_mask.shape)
+        # the hosts keep the rows: send each its rows' advantages, once
+        self.hosts.keep_advantages(batch.kept[0], adv, batch.holder, batch.hold_index, batch.response_mask.shape)
         for _ in range(g.ppo_epochs):
             perms = {p: self._order(batch, adv[p].rows, gens[p]) for p in self.policies}
             for start in range(0, g.batch_size, g.mini_batch_size):
@@ -300,12 +292,9 @@ class Learner:
                         continue
                     total = float(mask.sum().clamp(min=1))
                     loss = replace(self.loss[p], n_seqs=int((mask.sum(1) > 0).sum()))
-                    if batch.kept is not None:  # rows by reference: each host takes the ones it keeps first
-                        shards = self.hosts.assign(batch.kept[0], [adv[p].rows[i] for i in local], batch.holder,
-                                                   batch.hold_index)
-                    else:
-                        shards = [self.minibatch(batch, ev, adv[p], [local[i] for i in s])
-                                  for s in split(len(local), len(self.hosts))]
+                    # rows by reference: each host takes the ones it keeps first
+                    shards = self.hosts.assign(batch.kept[0], [adv[p].rows[i] for i in local], batch.holder,
+                                               batch.hold_index)
                     pending[p] = self.hosts.submit(p, shards, total, loss, g.max_grad_norm)
                 for p, handle in pending.items():
                     result = self.hosts.finish(p, handle, g.max_grad_norm, f"step {self.step}")

@@ -172,7 +172,7 @@ class Resilience:
                     raise
                 log.warning("an actor was lost while the step's state was restored (%s); waiting for it",
                             type(e).__name__)
-        # the hosts' collective group (cluster.grad_sync collective) is formed anew by the redone step's first
+        # the hosts' collective group is formed anew by the redone step's first
         # update, among the processes alive now: a failure there is one more lost actor, retried like the rest
         learner.hosts.invalidate()
         return rewound

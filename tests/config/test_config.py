@@ -124,6 +124,11 @@ def test_override_errors(cfg_file):
         load_config(PPORunConfig, cfg_file, ["ppo.steps"])
     with pytest.raises(ConfigError, match=r"ppo\.step: unknown key; did you mean 'steps'"):
         load_config(PPORunConfig, cfg_file, ["ppo.step=3"])
+    # keys an earlier version read: the error says why they are gone
+    with pytest.raises(ConfigError, match=r"cluster\.keep_rows: removed: rows always stay on the host"):
+        load_config(PPORunConfig, cfg_file, ["cluster.keep_rows=false"])
+    with pytest.raises(ConfigError, match=r"cluster\.grad_sync: removed: .*among themselves"):
+        load_config(PPORunConfig, cfg_file, ["cluster.grad_sync=driver"])
 
 
 # --------------------------------------------------------------------------------- validation

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import reliability_utils as ru
+from rows_utils import sent_rows
 from marl_ray.runtime.handles import LocalHandle
 from marl_ray.runtime.host_group import HostGroup, ReplicaDivergence, split
 
@@ -88,7 +89,7 @@ def test_two_hosts_score_what_one_host_scores(setup):
 def _update(group, learner, batch, ev, adv, policy, nan=False):
     local = list(range(len(adv[policy].rows)))
     total = float(adv[policy].mask[local].sum())
-    shards = [learner.minibatch(batch, ev, adv[policy], [local[i] for i in s]) for s in split(len(local), len(group))]
+    shards = [sent_rows(learner, batch, ev, adv[policy], [local[i] for i in s]) for s in split(len(local), len(group))]
     if nan:
         shards[-1].advantages[:] = float("nan")
     pending = group.submit(policy, shards, total, learner.loss[policy], 1.0)
@@ -188,7 +189,7 @@ def test_a_split_critic_free_update_is_the_single_host_update(tmp_path_factory, 
         local = list(range(len(adv["g"].rows)))
         mask = adv["g"].mask[local]
         loss = dataclasses.replace(learner.loss["g"], n_seqs=int((mask.sum(1) > 0).sum()))
-        shards = [learner.minibatch(batch, ev, adv["g"], [local[i] for i in s]) for s in split(len(local), len(group))]
+        shards = [sent_rows(learner, batch, ev, adv["g"], [local[i] for i in s]) for s in split(len(local), len(group))]
         results.append(group.finish("g", group.submit("g", shards, float(mask.sum()), loss, 1.0), 1.0))
         weights.append(group.hosts[0]._obj.get_state("g").weights)
     assert results[0].applied and results[1].applied
@@ -283,7 +284,7 @@ def test_an_update_from_kept_and_lent_rows_is_the_update_from_sent_rows(kept):
     by_ref = group.finish(policy, group.submit(policy, shards, float(mask.sum()), loss, 1.0), 1.0)
     w_ref = group.hosts[0]._obj.get_state(policy).weights
     group.set_state(policy, start)
-    sent = [learner.minibatch(batch, ev, a, [held0[i] for i in s]) for s in split(len(held0), 2)]
+    sent = [sent_rows(learner, batch, ev, a, [held0[i] for i in s]) for s in split(len(held0), 2)]
     by_value = group.finish(policy, group.submit(policy, sent, float(mask.sum()), loss, 1.0), 1.0)
     w_val = group.hosts[0]._obj.get_state(policy).weights
     group.set_state(policy, start)

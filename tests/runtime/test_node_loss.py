@@ -1,7 +1,7 @@
 """A node gone for good in a two-node cluster (`ray.cluster_utils.Cluster` on 127.0.0.1).
 
 The second node (its model host and its rollout worker) is removed after step 0 (which summed its
-gradients among the two hosts: cluster.grad_sync collective, the default). With the number
+gradients among the two hosts, host to host). With the number
 of hosts following the nodes (cluster.num_hosts: null), the run goes on with the host left: the
 lost worker is started anew on the node left and resumes its shard of the stream, so no prompt
 is lost or used twice. With a fixed number of hosts, the run stops with a checkpoint of the last
