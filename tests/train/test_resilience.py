@@ -65,8 +65,9 @@ def _scheduled(cfg: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("runtime, schedule", [("inprocess", False), ("ray", False), ("inprocess", True)],
-                         ids=["inprocess", "ray", "inprocess-linear-warmup"])
+@pytest.mark.parametrize("runtime, schedule", [
+    pytest.param("inprocess", False, id="inprocess"), pytest.param("ray", False, id="ray"),
+    pytest.param("inprocess", True, id="inprocess-linear-warmup", marks=pytest.mark.slow)])  # ~35 s
 def test_killed_driver_resumes_to_the_same_result(assets, baseline, tmp_path, runtime, schedule):
     """SIGKILL `marl-ray ppo` once checkpoint step-000002 exists, rerun it with --resume: metrics
     step for step, ledger and final adapters equal an uninterrupted run's. With the Ray runtime
