@@ -15,7 +15,7 @@ Cross-field rules live in each section's ``_check``; types, choices and bounds a
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from marl_ray.config.loader import _fail, _join, opt, spec, validate
 
