@@ -3,6 +3,9 @@
 * `setup(level, quiet)` (the command line's --log-level / --quiet): one handler on the root logger that
   writes through `tqdm.write`, so a log line never breaks a progress bar. --quiet: warnings and errors
   only, no progress bars, no per-step metric lines.
+* `progress(wanted)`: whether a stage shows a bar (`run.progress`: true, false or auto = only on a
+  terminal). Where it shows none, `marl-ray rl` prints one line per policy per step instead (the bar's
+  `\r` redraws are useless in a log file such as `ray job logs`).
 * `log_file(folder)`: while a stage runs, every record at INFO and above also goes to FOLDER/log.txt,
   with the records marked `FILE_ONLY` (TRL trainers' dicts of numbers) that the console never shows.
 * `route_trainer_logs(trainer, progress)`: a transformers Trainer keeps its one progress bar (when
@@ -71,9 +74,22 @@ def quiet() -> bool:
     return _state["quiet"]
 
 
-def progress(wanted: bool) -> bool:
-    """Whether to show a progress bar a config asks for (`wanted`): never under --quiet."""
-    return bool(wanted) and not _state["quiet"]
+def progress(wanted) -> bool:
+    """Whether to show a progress bar a config asks for (`wanted`: true, false or "auto"): never under
+    --quiet; with "auto", only when stderr (where bars go) is a terminal. Without a bar a run prints one
+    line per policy per step instead, which is what a log file (`ray job logs`) can show."""
+    if _state["quiet"]:
+        return False
+    if wanted == "auto":
+        return _isatty(sys.stderr)
+    return bool(wanted)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 class _LazyFileHandler(logging.FileHandler):

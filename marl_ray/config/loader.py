@@ -108,8 +108,12 @@ def validate(obj: Any, at: str = "") -> None:
         if not _matches(tp, v):
             _fail(path, f"expected {_type_name(tp)}, got {type(v).__name__} {v!r}")
         choices = next((get_args(a) for a in (tp, *get_args(tp)) if get_origin(a) is Literal), None)
-        if choices and v is not None and v not in choices:
-            _fail(path, f"{v!r} is not one of {', '.join(choices)}")
+        others = [a for a in get_args(tp) if a is not type(None) and get_origin(a) is not Literal] if _is_union(tp) else []
+        if others and v is None and type(None) not in get_args(tp):
+            _fail(path, f"expected {_type_name(tp)}, got null")
+        if choices and v is not None and v not in choices and not any(_matches(a, v) for a in others):
+            also = f" or a {' or '.join(_type_name(a) for a in others)}" if others else ""
+            _fail(path, f"{v!r} is not one of {', '.join(map(str, choices))}{also}")
         if isinstance(v, str) and not v.strip():
             _fail(path, "must not be empty (use null where the field allows it)")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -135,8 +139,10 @@ def _coerce(tp: Any, v: Any, path: str) -> Any:
     if _is_union(tp):
         if v is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, v, path)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. bool or Literal["auto"]: the value as it is, validate() checks it
+            return v
+        return _coerce(inner[0], v, path)
     if get_origin(tp) is Literal:
         return v  # validate() reports a value outside the choices
     if get_origin(tp) is tuple:
