@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-machine Ray head (loopback only, token auth on) and one PPO job submitted to it.
+# A single-machine Ray head (loopback only, token auth on) and one RL job (`marl-ray rl`) submitted to it.
 #
 #   deployments/local_head.sh [CONFIG] [--set KEY=VALUE ...]
 #   deployments/local_head.sh deployments/configs/local.yaml --set ppo.steps=5
@@ -99,7 +99,7 @@ cleanup() {
     trap - EXIT INT TERM
     if [ "${KEEP_HEAD:-0}" = "1" ] && kill -0 "$HEAD_PID" 2>/dev/null; then
         echo "local_head.sh: head left running (pid $HEAD_PID, log $HEAD_LOG)."
-        echo "  export RAY_ADDRESS=$ADDRESS   # then: ray job submit --working-dir . -- python -m marl_ray ppo ..."
+        echo "  export RAY_ADDRESS=$ADDRESS   # then: ray job submit --working-dir . -- python -m marl_ray rl ..."
         echo "  stop it with: kill $HEAD_PID"
         return
     fi
@@ -125,5 +125,5 @@ done
 
 rc=0
 ray job submit --address "$ADDRESS" --working-dir . ${SUBMISSION_ID:+--submission-id "$SUBMISSION_ID"} \
-    -- "$PY" -m marl_ray ppo --config "$CONFIG" "$@" ${RESOLVED[@]+"${RESOLVED[@]}"} || rc=$?
+    -- "$PY" -m marl_ray rl --config "$CONFIG" "$@" ${RESOLVED[@]+"${RESOLVED[@]}"} || rc=$?
 exit "$rc"

@@ -1,25 +1,45 @@
 """`marl-ray`: the command line. Each stage is a subcommand; `demo` runs all three.
 
-    marl-ray ppo --config deployments/configs/local.yaml --set ppo.steps=5
-    python -m marl_ray ppo --config ...        (the form used with `ray job submit`)
+    marl-ray rl --config deployments/configs/local.yaml --set ppo.steps=5
+    python -m marl_ray rl --config ...        (the form used with `ray job submit`)
+
+`rl` runs every algorithm (ppo, grpo, rloo, reinforce_pp and the DAPO / Dr. GRPO losses); `ppo` is
+the same command under its earlier name.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 
-def _ppo(argv: list[str]) -> int:
+def algorithms_text() -> str:
+    """The algorithms `marl-ray rl` runs, as the config schema names them."""
+    from typing import get_args, get_type_hints
+
+    from marl_ray.config import PolicySpec
+    from marl_ray.config.schema import ALGORITHMS
+
+    losses = get_args(get_type_hints(PolicySpec)["loss_type"])
+    return (f"policies[].algorithm: {', '.join(ALGORITHMS)}; for grpo, rloo and reinforce_pp, policies[].loss_type: "
+            f"{', '.join(losses)} (dapo = DAPO's token-level loss, with epsilon_high and dynamic_sampling for the "
+            "rest of DAPO; dr_grpo with scale_rewards: false = Dr. GRPO)")
+
+
+def _rl(argv: list[str], name: str = "rl") -> int:
     from marl_ray.config import PPORunConfig, add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(
-        prog="marl-ray ppo",
-        description="Stage 3: RL of several LoRA policies on one shared (optionally quantized) base, on Ray, each "
-                    "with its own algorithm (ppo, grpo, rloo, reinforce_pp). Policies are scored by reward adapters "
+        prog=f"marl-ray {name}",
+        description=textwrap.fill(
+                    "Stage 3: RL of several LoRA policies on one shared (optionally quantized) base, on Ray, each "
+                    f"with its own algorithm ({algorithms_text()}). Policies are scored by reward adapters "
                     "on the same base and/or reward functions; the reference is the base with adapters disabled. "
                     "Writes metrics.jsonl, samples.jsonl, eval.jsonl (with held-out prompts), log.txt, TensorBoard "
-                    "logs and policies/NAME under run.out_dir.")
+                    "logs and policies/NAME under run.out_dir."
+                    + (" `marl-ray ppo` is this command's earlier name: the same command, the same options."
+                       if name == "ppo" else " Also available under its earlier name, `marl-ray ppo`."), 100))
     add_config_args(parser, PPORunConfig)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="resume from the latest checkpoint of run.out_dir, or from the given checkpoint folder")
@@ -53,7 +73,11 @@ def _reward(argv: list[str]) -> int:
     return main_reward(argv)
 
 
-COMMANDS = {"ppo": _ppo, "demo": _demo, "sft": _sft, "reward": _reward}
+def _ppo(argv: list[str]) -> int:
+    return _rl(argv, "ppo")
+
+
+COMMANDS = {"rl": _rl, "ppo": _ppo, "demo": _demo, "sft": _sft, "reward": _reward}
 
 
 def console_flags(argv: list[str]) -> tuple[list[str], str, bool]:
@@ -92,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                "default INFO); the full log goes to the run folder's log.txt either way.")
     top.add_argument("command", choices=sorted(COMMANDS),
                      help="sft: stage 1 (base on the target domain); reward: stage 2 (reward adapter); "
-                          "ppo: stage 3 (policies on Ray); demo: all three on an embedded task")
+                          "rl: stage 3 (policies on Ray, each with its algorithm: ppo, grpo, rloo, reinforce_pp, "
+                          "with the DAPO and Dr. GRPO losses); ppo: the same as rl (its earlier name); "
+                          "demo: all three on an embedded task")
     top.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     top.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="console log level (default INFO)")

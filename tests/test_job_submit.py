@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -39,7 +42,7 @@ def head(tmp_path_factory):
 
 def _submit(head, workdir, job_id, *args):
     return head.cli("job", "submit", "--address", head.address, "--working-dir", str(workdir),
-                    "--submission-id", job_id, "--", "python", "-m", "marl_ray", "ppo", "--config", "cfg.yaml", *args)
+                    "--submission-id", job_id, "--", "python", "-m", "marl_ray", "rl", "--config", "cfg.yaml", *args)
 
 
 def _logs(head, job_id) -> str:
@@ -119,8 +122,11 @@ def test_bad_config_jobs_fail_with_their_error_in_the_logs(head, assets, tmp_pat
 
 
 def test_local_head_script(assets, tmp_path):
-    """deployments/local_head.sh: head on loopback with token auth, job submitted from the current dir,
-    relative config paths resolved for the local head, head stopped at the end."""
+    """deployments/local_head.sh as the README runs it: head on loopback with token auth, job submitted from
+    the current dir, relative config paths resolved for the local head. run.progress is left at its default
+    (auto): a job's output is a log file, not a terminal, so `ray job logs` shows one line per policy for
+    every step and no progress bar. KEEP_HEAD=1 keeps the head up to read the logs; the pid it prints stops
+    the whole head."""
     wd = tmp_path / "wd"
     wd.mkdir()
     for name in ("base", "reward"):
@@ -128,19 +134,34 @@ def test_local_head_script(assets, tmp_path):
     cfg = run_config(assets, "out")
     cfg["model"]["base"] = "base"
     cfg["rewards"][0]["path"] = "reward"
+    del cfg["run"]["progress"]
     write_yaml(wd / "cfg.yaml", cfg)
     temp_dir = short_temp_dir("rjs")
     gcs, dash, client, agent = free_ports(4)
     env = ray_env(new_token_file(tmp_path), RAY_PORT=gcs, DASHBOARD_PORT=dash, RAY_CLIENT_PORT=client,
-                  DASHBOARD_AGENT_PORT=agent, RAY_TEMP_DIR=temp_dir, NUM_CPUS=2)
+                  DASHBOARD_AGENT_PORT=agent, RAY_TEMP_DIR=temp_dir, NUM_CPUS=2, KEEP_HEAD=1,
+                  SUBMISSION_ID="local-head-job")
+    env.pop("PYTHONUNBUFFERED")  # the job's stdout is block-buffered, as by default: the lines are flushed
     try:
-        r = subprocess.run(["bash", str(REPO / "deployments" / "local_head.sh"), "cfg.yaml", "--set", "ppo.steps=1"],
+        r = subprocess.run(["bash", str(REPO / "deployments" / "local_head.sh"), "cfg.yaml", "--set", "ppo.steps=2"],
                            cwd=wd, env=env, capture_output=True, text=True, timeout=300)
         text = r.stdout + r.stderr
         assert r.returncode == 0, text[-4000:]
-        assert "step 0 policy up: objective/scores=" in text and "step 0 policy down: objective/scores=" in text
         assert (wd / "out" / "metrics.jsonl").exists()  # relative out_dir resolved against the submit dir
-        assert not procs_with(temp_dir), "local_head.sh left its head running"
+        logs = subprocess.run([RAY, "job", "logs", "--address", f"http://127.0.0.1:{dash}", "local-head-job"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert logs.returncode == 0, logs.stdout + logs.stderr
+        for step in (0, 1):
+            for policy in ("up", "down"):
+                assert f"step {step} policy {policy}: objective/scores=" in logs.stdout, logs.stdout[-3000:]
+        assert "done: 2 steps" in logs.stdout
+        assert "%|" not in logs.stdout and "it/s]" not in logs.stdout  # no progress bar in a log file
+        pid = int(re.search(r"head left running \(pid (\d+)", text).group(1))
+        os.kill(pid, signal.SIGTERM)  # what the script says: "stop it with: kill PID"
+        deadline = time.monotonic() + 60
+        while procs_with(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not procs_with(temp_dir), "the head's processes outlived its pid"
     finally:
         kill_procs(procs_with(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -45,7 +45,7 @@ def test_deployment_configs_present():
 
 
 def test_deployment_manifests_parse():
-    """rayjob.yaml, cluster.yaml and runtime_env.yaml are valid YAML with token auth and the PPO entrypoint."""
+    """rayjob.yaml, cluster.yaml, runtime_env.yaml: valid YAML with token auth and the `marl_ray rl` entrypoint."""
     import subprocess
 
     import yaml
@@ -53,7 +53,7 @@ def test_deployment_manifests_parse():
     dep = REPO / "deployments"
     job = yaml.safe_load((dep / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob"
-    assert job["spec"]["entrypoint"] == "python -m marl_ray ppo --config deployments/configs/gpu.yaml"
+    assert job["spec"]["entrypoint"] == "python -m marl_ray rl --config deployments/configs/gpu.yaml"
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert env["pip"]["packages"] and "env_vars" in env
     cluster_spec = job["spec"]["rayClusterSpec"]
