@@ -442,6 +442,8 @@ class RewardFunction:
             # a function written for the other form of data fails on indexing or on a str/list method
             form = (f"; {_form_text(completions)}"
                     if isinstance(e, (TypeError, KeyError, IndexError, AttributeError)) else "")
+            if isinstance(e, KeyError) and e.args and e.args[0] in _TRL_EXTRAS:  # kwargs["log_metric"]
+                form = f"; TRL's {e.args[0]} is not provided here"
             raise self._error(f"raised {type(e).__name__}: {e}{_where(e)}{form}", step) from e
         return self._validate(out, len(completions), step)
 

@@ -213,3 +213,15 @@ def test_the_documented_examples_print_what_they_say(capsys):
         exec(compile(block, "docs/rewards.md", "exec"), {})
         printed = [ast.literal_eval(line) for line in capsys.readouterr().out.splitlines()]
         assert printed == expected
+
+
+def test_a_trl_keyword_not_offered_is_named():
+    from marl_ray.train.rewards import RewardFunction, RewardFunctionError
+
+    def logs_a_metric(completions, **kwargs):
+        kwargs["log_metric"]("mine", 1.0)
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardFunctionError, match=r"raised KeyError: 'log_metric' .*; TRL's log_metric is not "
+                                                  r"provided here$"):
+        RewardFunction("m", logs_a_metric)(["p"], ["c"], step=4)
