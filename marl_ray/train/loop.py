@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
@@ -26,14 +25,14 @@ from marl_ray import console
 from marl_ray.algorithms import advantages as adv_math
 from marl_ray.algorithms import ppo
 from marl_ray.algorithms.advantages import PolicyAdvantages
-from marl_ray.data.prompts import is_conversation
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
-from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings, RolloutScores
+from marl_ray.runtime.protocol import EvalRequest, Evaluation, KeptScoring, LossSettings
 from marl_ray.seeds import policy_seed
 from marl_ray.storage import Storage
-from marl_ray.train import resilience
+from marl_ray.train import evaluation, resilience, saving
+from marl_ray.train.batch import Batch
 from marl_ray.train import rewards as reward_fns
 from marl_ray.train.resilience import ActorRestarted, HostLost
 from marl_ray.train.rewards import RewardFunctionError
@@ -42,33 +41,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Batch", "PolicyAdvantages", "Learner", "NonFiniteError", "ReplicaDivergence", "ActorRestarted",
            "HostLost", "RewardFunctionError", "rollout_scored"]
-
-
-@dataclass
-class Batch:
-    """One step's trajectories: N rows of [left-padded prompt | response] (T = P + R)."""
-
-    input_ids: torch.Tensor  # (N, T)
-    attention_mask: torch.Tensor  # (N, T)
-    response_mask: torch.Tensor  # (N, R)
-    response_start: int  # P
-    policies: list[str]
-    prompt_ids: list[int]
-    rollout: RolloutScores | None = None  # the decode steps' scores (ppo.rollout_logprobs), else None
-    group_ids: list[int] = field(default_factory=list)  # (N,) rows of one prompt under one policy share one
-    texts: list = field(default_factory=list)  # (N,) each row's prompt text (None: given as token ids)
-    columns: list[dict] = field(default_factory=list)  # (N,) each row's prompt fields (for reward functions)
-    messages: list = field(default_factory=list)  # (N,) a conversational row's prompt messages (None: text)
-    # Rows kept where they were sampled (Learner.rollout): (the learner's token, the rollout's id), the host
-    # that keeps each row and its index there, and per host the rollout workers whose parts it keeps, in order.
-    kept: tuple[str, int] | None = None
-    holder: list[int] = field(default_factory=list)  # (N,)
-    hold_index: list[int] = field(default_factory=list)  # (N,)
-    kept_workers: dict[int, list[int]] = field(default_factory=dict)
-    decoded: tuple[list[str], list[str]] | None = None  # (prompts, completions) as text, once decoded
-
-    def rows(self, policy: str) -> list[int]:
-        return [i for i, p in enumerate(self.policies) if p == policy]
 
 
 def rollout_scored(cfg) -> bool:
@@ -364,67 +336,20 @@ class Learner:
                       "perf/gen_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)})
             metrics[p] = m
         if self.gold_fn is not None:
-            self._gold_metrics(batch, metrics)
+            evaluation.gold_metrics(self, batch, metrics)
         if self.logger is not None and self.cfg.run.log_samples:
-            self._log_samples(batch, adv)
+            evaluation.log_samples(self, batch, adv)
         self.ledger.append({"step": self.step, "prompt_ids": sorted(set(batch.prompt_ids))})
         self.step += 1
         return metrics
 
-    def _log_samples(self, batch: Batch, adv: dict[str, PolicyAdvantages]):
-        """The first run.log_samples rows of each policy: prompt, completion, total reward, the row's fields."""
-        k = self.cfg.run.log_samples
-        picked = [(p, j, adv[p].rows[j]) for p in self.policies for j in range(min(k, len(adv[p].rows)))]
-        prompts, completions = self.decoded(batch)
-        self.logger.log_samples(self.step, [
-            {"policy": p, "prompt": prompts[i], "completion": completions[i], "reward": float(adv[p].raw_scores[j]),
-             **(batch.columns[i] if batch.columns else {})}
-            for p, j, i in picked])
-
-    def _gold_metrics(self, batch: Batch, metrics: dict):
-        texts = self.decoded(batch)[1]
-        for p in self.policies:
-            scores = self.gold_fn([texts[i] for i in batch.rows(p)])
-            metrics[p]["gold/score"] = float(sum(scores) / max(len(scores), 1))
-
     def generate_texts(self, texts: list[str], policy: str, seed: int = 0) -> list[str]:
-        """Completions of `texts` under `policy` ("ref" = the reference), decoded (for evaluation)."""
-        worker, host = self.workers[0], self.hosts[self.worker_host[0]]
-        prompts = get(worker.encode.remote(texts))
-        out = get(host.sample.remote(prompts, [policy] * len(prompts), self.sampling, seed))
-        rows = [r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)]
-        return get(worker.decode.remote(rows))
+        """Completions of `texts` under `policy` ("ref" = the reference), decoded (train/evaluation.py)."""
+        return evaluation.generate_texts(self, texts, policy, seed)
 
     def heldout(self, prompts: list, columns: list[dict], seed: int = 0) -> dict[str, dict]:
-        """Each policy on held-out prompts (data.eval_prompts / eval_fraction): one completion per prompt,
-        sampled at the run's settings under a fixed seed, scored by the policy's own rewards as in training.
-        Per policy: eval/reward (the total before reward_weight), eval/rewards/NAME/mean|std, eval/length."""
-        worker, host = self.workers[0], self.hosts[self.worker_host[0]]
-        ids, texts, stop = get(worker.prepare.remote(prompts))
-        n = len(ids)
-        policies = [p for p in self.policies for _ in range(n)]
-        settings = replace(self.sampling, scored=False, stop_token_ids=stop)
-        out = get(host.sample.remote(ids * len(self.policies), policies, settings, seed))
-        prompt_ids, prompt_mask = pad_left(ids * len(self.policies), 0)
-        batch = Batch(input_ids=torch.cat([prompt_ids, out.responses], 1),
-                      attention_mask=torch.cat([prompt_mask, out.response_mask], 1),
-                      response_mask=out.response_mask, response_start=prompt_ids.shape[1], policies=policies,
-                      prompt_ids=list(range(n)) * len(self.policies), texts=texts * len(self.policies),
-                      columns=list(columns) * len(self.policies),
-                      messages=[p if is_conversation(p) else None for p in prompts] * len(self.policies))
-        ev = self.evaluate(batch) if any(self.adapter[p] for p in self.policies) else None
-        totals, stats = self.rewards(batch, ev)
-        metrics = {}
-        for p in self.policies:
-            rows = batch.rows(p)
-            metrics[p] = {"eval/reward": float(totals[rows].mean()),
-                          "eval/length": float(out.response_mask[rows].sum(1).float().mean()),
-                          **{f"eval/{k}": v for k, v in stats[p].items()}}
-        if self.gold_fn is not None:
-            self._gold_metrics(batch, metrics)
-            for p in self.policies:
-                metrics[p]["eval/gold/score"] = metrics[p].pop("gold/score")
-        return metrics
+        """Each policy on held-out prompts, scored by its own rewards (train/evaluation.py)."""
+        return evaluation.heldout(self, prompts, columns, seed)
 
     @property
     def recoveries(self) -> int:
@@ -475,79 +400,17 @@ class Learner:
         self.bad_steps, self.skip_count = dict(state["bad_steps"]), dict(state["skip_count"])
 
     def save_checkpoint(self, state: dict | None = None):
-        """Write checkpoint step-N: complete or absent. Without run.storage, the driver writes it to
-        OUT/checkpoints atomically, the policies' files sent by host 0; with run.storage the hosts write
-        their policies' folders there themselves (the policies dealt among them) and the driver its own
-        files and, last, meta.json. `state`: the learner state to write (default: read now from the
-        learner and the actors). Returns the checkpoint's folder (a storage path with run.storage)."""
-        import yaml
-
-        from marl_ray.config import to_dict
-        from marl_ray.train import checkpoint
-
-        meta = {"base_fingerprint": get(self.hosts[0].info.remote())["fingerprint"], "policies": self.policies}
-        state = self.state() if state is None else state
-        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
-        if self.storage is None:
-            files = {p: get(self.hosts[0].export_policy.remote(p)) for p in self.policies}
-            self.resilience.check()
-            self.last_checkpoint = checkpoint.save(self.cfg.run.out_dir, state["step"], meta, state, files,
-                                                   config_yaml, self.cfg.run.keep_last)
-            return self.last_checkpoint
-        rel = checkpoint.begin_stored(self.storage, state["step"])
-        n = len(self.hosts)
-        dealt = {h: [p for i, p in enumerate(self.policies) if i % n == h] for h in range(min(n, len(self.policies)))}
-        sizes = {}
-        for got in get([self.hosts[h].write_policies.remote(self.storage, {p: f"{rel}/policies/{p}" for p in ps})
-                        for h, ps in dealt.items()]):
-            sizes.update(got)
-        self.resilience.check()  # before meta.json: a checkpoint a restarted host wrote stays incomplete
-        self.last_checkpoint = checkpoint.finish_stored(self.storage, rel, state["step"], meta, state, config_yaml,
-                                                        self.cfg.run.keep_last, sizes)
-        return self.last_checkpoint
+        """Write checkpoint step-N (train/saving.py); `state`: the learner state to write (default: read
+        now). Returns its folder (a storage path with run.storage)."""
+        return saving.save(self, state)
 
     def load_checkpoint(self, which: str):
-        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder; of
-        run.storage when set, where each host reads the policies' files itself)."""
-        from marl_ray.train import checkpoint
-
-        fingerprint = get(self.hosts[0].info.remote())["fingerprint"]
-        if self.storage is None:
-            path = checkpoint.resolve(self.cfg.run.out_dir, which)
-            meta, state, files = checkpoint.load(path)
-            checkpoint.check_compatible(meta, fingerprint, self.policies, path)
-            for p in self.policies:
-                self.hosts.import_policy(p, files[p], f"loading {path}")
-        else:
-            path = checkpoint.resolve_stored(self.storage, which)
-            meta, state = checkpoint.load_stored(self.storage, path)
-            checkpoint.check_compatible(meta, fingerprint, self.policies, self.storage.describe(path))
-            sums = self.hosts.all("read_policies", self.storage, {p: f"{path}/policies/{p}" for p in self.policies})
-            for p in self.policies:
-                self.hosts.agree([s[p] for s in sums], f"policy {p!r}: hosts disagree after loading {path}")
-        self.set_state(state)
-        self.last_checkpoint = path
-        log.info("resumed from %s (step %d)", path if self.storage is None else self.storage.describe(path), self.step)
-        return path
+        """Restore every host, worker and the learner from a checkpoint ('latest' or a folder)."""
+        return saving.load(self, which)
 
     def export_policies(self) -> dict[str, str]:
-        """The trained policies as plain peft folders (+ value head, optimizer.pt): OUT/policies/NAME, the files
-        sent by host 0; or, with run.storage, STORAGE/policies/NAME written by the hosts. Returns where."""
-        from marl_ray.model.adapter_io import atomic_dir
-
-        if self.storage is not None:
-            n = len(self.hosts)
-            get([self.hosts[i % n].write_policies.remote(self.storage, {p: f"policies/{p}"})
-                 for i, p in enumerate(self.policies)])
-            return {p: self.storage.describe(f"policies/{p}") for p in self.policies}
-        out, saved = Path(self.cfg.run.out_dir), {}
-        for p in self.policies:
-            files = get(self.hosts[0].export_policy.remote(p))
-            with atomic_dir(out / "policies" / p) as tmp:
-                for name, data in files.items():
-                    (tmp / name).write_bytes(data)
-            saved[p] = str(out / "policies" / p)
-        return saved
+        """The trained policies as plain peft folders (train/saving.py). Returns where."""
+        return saving.export(self)
 
     # ------------------------------------------------------------ fit
     def fit(self, steps: int | None = None, on_step=None, max_step_retries: int = 3):
@@ -582,7 +445,7 @@ class Learner:
                         res.recover()
                     else:
                         self.set_state(before)
-                    path = self.save_checkpoint()
+                    path = saving.describe(self, self.save_checkpoint())
                     raise RewardFunctionError(f"{e}; the run stopped, its last good state (step {self.step}) is "
                                               f"saved to {path}") from e
                 self.history.append({"step": self.step - 1, "metrics": metrics})
@@ -592,7 +455,7 @@ class Learner:
                     on_step(self.step - 1, metrics)
                 bad = [p for p, n in self.bad_steps.items() if n >= self.cfg.ppo.max_nonfinite_steps]
                 if bad:
-                    path = save(self.save_checkpoint)
+                    path = saving.describe(self, save(self.save_checkpoint))
                     raise NonFiniteError(
                         f"policies {bad}: updates skipped for non-finite numbers {self.cfg.ppo.max_nonfinite_steps} "
                         f"steps in a row; last good state saved to {path}. Lower the learning rate or check "

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from marl_ray.runtime.handles import get
+from marl_ray.train import saving
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class Resilience:
                 raise HostLost(f"model host(s) {gone} on node(s) {nodes} are gone for good and no host left holds "
                                f"the state of step {snap.step}: resume from the last checkpoint (run.resume=latest)")
             self.known_pids = None
-            path = learner.save_checkpoint(state=snap.learner)
+            path = saving.describe(learner, learner.save_checkpoint(state=snap.learner))
             raise HostLost(
                 f"model host(s) {gone} on node(s) {nodes} are gone for good and cluster.num_hosts="
                 f"{learner.cfg.cluster.num_hosts} asks for a fixed number of hosts: the last good state (step "

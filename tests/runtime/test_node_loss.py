@@ -5,7 +5,9 @@ gradients among the two hosts, host to host). With the number
 of hosts following the nodes (cluster.num_hosts: null), the run goes on with the host left: the
 lost worker is started anew on the node left and resumes its shard of the stream, so no prompt
 is lost or used twice. With a fixed number of hosts, the run stops with a checkpoint of the last
-good state and an error that names the lost node."""
+good state and an error that names the lost node. Checkpoints and the final export go to
+`run.storage` (a path both nodes reach), written by the hosts themselves: by the host left after
+the loss."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _run(assets, out, num_hosts, tmp_path, caplog):
 
     cfg = ru.load(ru.run_config(assets, out, cluster={"runtime": "ray", "num_hosts": num_hosts, "max_restarts": 1,
                                                       "rollout_workers": 2, "host_num_cpus": 1},
-                                run={"save_every": 0}))
+                                run={"save_every": 0, "storage": str(tmp_path / "store")}))
     seen = {}
     with two_node_cluster(tmp_path / "auth") as c:
         head, other = c["cluster"].head_node, [n for n in c["cluster"].list_all_nodes() if not n.is_head()][0]
@@ -88,9 +90,13 @@ def test_a_lost_node_shrinks_the_group_and_the_run_goes_on(assets, tmp_path, cap
     # the policies trained on: the host left holds every policy, and they moved after the loss
     assert set(summary["checksums"]) == {"up", "down"}
     assert all(len(v) == 1 for v in summary["checksums"].values())
+    # the host left wrote the final checkpoint and the trained policies to the storage
+    assert summary["saved"] == {p: f"{tmp_path / 'store'}/policies/{p}" for p in ("up", "down")}
+    assert all((tmp_path / "store" / "policies" / p / "adapter_model.safetensors").exists() for p in ("up", "down"))
 
 
 def test_a_lost_node_with_a_fixed_number_of_hosts_stops_with_a_checkpoint(assets, tmp_path, caplog):
+    from marl_ray.storage import Storage
     from marl_ray.train import checkpoint
     from marl_ray.train.loop import HostLost
 
@@ -99,7 +105,9 @@ def test_a_lost_node_with_a_fixed_number_of_hosts_stops_with_a_checkpoint(assets
     assert isinstance(err, HostLost), err
     assert seen["collective"]
     assert seen["lost"] in str(err) and "num_hosts" in str(err)
-    latest = checkpoint.resolve(out, "latest")
-    meta, state, files = checkpoint.load(latest)
-    assert state["step"] == 1 and set(files) == {"up", "down"}  # the state after step 0: the last good one
-    assert str(latest) in str(err)
+    store = Storage(str(tmp_path / "store"))
+    latest = checkpoint.resolve_stored(store, "latest")
+    meta, state = checkpoint.load_stored(store, latest)
+    assert state["step"] == 1  # the state after step 0: the last good one, written by the host left
+    assert {f.split("/")[1] for f in meta["files"] if f.startswith("policies/")} == {"up", "down"}
+    assert store.describe(latest) in str(err)
