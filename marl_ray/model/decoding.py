@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from marl_ray.algorithms.ppo import entropy_from_logits, logprobs_from_logits
+
 # Generation-config fields that `sample` handles (or overrides, or that change no token): any
 # other field set to a non-neutral value sends generation back to HF `generate`.
 _IGNORED = {
@@ -355,7 +357,7 @@ def _processors(prompt_len: int, min_new_tokens: int, eos: list[int] | None, do_
 def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *, max_new_tokens: int,
            min_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float, eos_token_id,
            pad_token_id, lora_rows=None, logits_out: "list | None" = None,
-           hidden_out: "list | None" = None) -> torch.Tensor:
+           hidden_out: "list | None" = None, scores_out: "list | None" = None) -> torch.Tensor:
     """Left-padded prompts + up to max_new_tokens sampled tokens (B, P + n), as HF `generate`.
 
     Runs under whatever adapter routing the caller set up. `lora_rows` (see `LeanLlama.hidden`):
@@ -364,7 +366,9 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
     module and sdpa attention, HF's arithmetic exactly, so under the same seed the same tokens as
     `generate`.
     `logits_out`: a list that gets each step's logits (B, V), fp32; `hidden_out`: each step's
-    final hidden state (B, H) of the position that predicts the step's token.
+    final hidden state (B, H) of the position that predicts the step's token; `scores_out`: each
+    step's (logprobs (B,), entropies (B,)) fp32 of the step's tokens under its logits (those of
+    `logits_out` without keeping a (B, V) tensor per step).
     """
     B, P = input_ids_BP.shape
     R = max_new_tokens
@@ -418,6 +422,7 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
             logits_out.append(logits.clone())
         if hidden_out is not None:
             hidden_out.append(h[:, -1])
+        raw = logits.clone() if scores_out is not None else None  # the processors may write in place
         scores = procs(out[:, :P + t], logits)
         if do_sample:
             probs = F.softmax(scores, dim=-1)
@@ -427,6 +432,8 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
         if eos_t is not None:
             nxt = nxt * unfinished + pad * (1 - unfinished)
         out[:, P + t] = nxt
+        if scores_out is not None:
+            scores_out.append((logprobs_from_logits(raw, nxt), entropy_from_logits(raw)))
         if eos_t is not None:
             unfinished = unfinished & ~torch.isin(nxt, eos_t)
             if unfinished.max() == 0:

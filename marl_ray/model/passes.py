@@ -63,6 +63,68 @@ def checkpointed_layers(decoder: nn.Module):
 
 
 
+# Positions whose logits one chunk of the output head holds, by default: about 2^24 logits (64 MiB in
+# fp32) per chunk, so 341 positions for a 49k vocabulary, 2048 for an 8k one.
+HEAD_CHUNK_LOGITS = 1 << 24
+
+
+def head_chunk_positions(chunk: int | None, vocab: int) -> int:
+    """Positions per chunk of the output head: `chunk`, or None (auto) about HEAD_CHUNK_LOGITS logits."""
+    if chunk is not None:
+        if int(chunk) < 1:
+            raise ValueError(f"head_chunk={chunk}: give a positive number of positions, or None (auto)")
+        return int(chunk)
+    return max(16, HEAD_CHUNK_LOGITS // max(1, vocab))
+
+
+class ChunkedHead(torch.autograd.Function):
+    """log p(token) and entropy at each position from final hidden states and a frozen output head
+    (weight (V, H), optional bias, optional Gemma 2 soft cap), in chunks of positions: no more than
+    one chunk's logits exist at a time, in the forward or the backward.
+
+    The forward of a chunk computes the logits z = h W^T (+ b, then the cap c tanh(z / c)), their
+    logsumexp, the sampled token's logit and the entropy; where h needs a gradient it also keeps the
+    Jacobian of log p(token) in h, J = ((onehot - softmax(z)) * dz/du) W, one (H,) row per position,
+    so the backward is grad_h = g * J with no logits recomputed. The entropy is a statistic: it has
+    no gradient (marked non-differentiable). Returns (logprobs (N,), entropy (N,)), both fp32."""
+
+    @staticmethod
+    def forward(ctx, h_NH, weight_VH, bias_V, tokens_N, chunk: int, softcap, want_entropy: bool):
+        need_grad = ctx.needs_input_grad[0]
+        N = h_NH.shape[0]
+        logprobs = torch.empty(N, dtype=torch.float32, device=h_NH.device)
+        entropy = torch.zeros(N, dtype=torch.float32, device=h_NH.device)
+        jac = h_NH.new_empty(h_NH.shape) if need_grad else None
+        tokens_N1 = tokens_N.long().unsqueeze(-1)
+        for lo in range(0, N, chunk):
+            hi = min(N, lo + chunk)
+            z = torch.nn.functional.linear(h_NH[lo:hi], weight_VH, bias_V).float()  # (n, V)
+            if softcap:
+                z = torch.tanh(z / softcap) * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            logprobs[lo:hi] = z.gather(-1, tokens_N1[lo:hi]).squeeze(-1) - lse
+            if not (want_entropy or need_grad):
+                continue
+            p = torch.exp(z - lse.unsqueeze(-1))  # softmax
+            if want_entropy:  # H = logsumexp(z) - sum_v p_v z_v
+                entropy[lo:hi] = lse - torch.linalg.vecdot(p, z)
+            if need_grad:
+                q = p.neg_().scatter_add_(-1, tokens_N1[lo:hi], torch.ones_like(lse).unsqueeze(-1))
+                if softcap:  # d(c tanh(u / c)) / du = 1 - (z / c)^2
+                    q.mul_(1 - (z / softcap).square())
+                jac[lo:hi] = q.to(weight_VH.dtype) @ weight_VH
+        if need_grad:
+            ctx.save_for_backward(jac)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs_N, grad_entropy_N):
+        (jac,) = ctx.saved_tensors
+        grad_h = (jac.float() * grad_logprobs_N.float().unsqueeze(-1)).to(jac.dtype)
+        return grad_h, None, None, None, None, None, None
+
+
 @dataclass
 class Evaluation:
     """What one evaluate pass returns (R = response length)."""
@@ -79,14 +141,18 @@ class Evaluation:
 class MultiAdapterModel(AdapterRegistry):
     """A frozen base with named policy, reward and reference adapters, and the passes over them."""
 
-    def __init__(self, base: nn.Module, sampler: str = "auto", passes: str = "auto"):
+    def __init__(self, base: nn.Module, sampler: str = "auto", passes: str = "auto", head_chunk: int | None = None):
         """sampler: "auto" (the lean decode loop where the base allows it, else HF generate), "lean",
         "exact" (the lean loop with HF's arithmetic: HF generate's tokens under the same seed) or "hf".
-        passes: "auto" (scoring and training through decoding.LeanLlama where the base allows it) or "hf"."""
+        passes: "auto" (scoring and training through decoding.LeanLlama where the base allows it) or "hf".
+        head_chunk: positions per chunk of the output head in the scoring and training passes
+        (`head_scores`); None = auto (about HEAD_CHUNK_LOGITS logits a chunk)."""
         super().__init__(base)
         if passes not in ("auto", "hf"):
             raise ValueError(f"passes={passes!r}: use 'auto' or 'hf'")
         self.passes = passes
+        head_chunk_positions(head_chunk, 1)  # refuses a bad value here
+        self.head_chunk = head_chunk
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2: applied as HF does
         self.sampler = sampling.make(sampler, base)
@@ -99,9 +165,9 @@ class MultiAdapterModel(AdapterRegistry):
     @classmethod
     def from_pretrained(cls, name_or_path: str, quantization="none", dtype="fp32", reference_adapter=None,
                         device_map=None, gradient_checkpointing: bool | None = None, low_memory: bool = False,
-                        sampler: str = "auto") -> "MultiAdapterModel":
+                        sampler: str = "auto", head_chunk: int | None = None) -> "MultiAdapterModel":
         base = load_base(name_or_path, quantization, dtype, device_map, low_memory=low_memory)
-        model = cls(base, sampler=sampler)
+        model = cls(base, sampler=sampler, head_chunk=head_chunk)
         if gradient_checkpointing is not None:
             model.gradient_checkpointing = bool(gradient_checkpointing)
         if reference_adapter:
@@ -148,6 +214,50 @@ class MultiAdapterModel(AdapterRegistry):
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits.float()
 
+    def _plain_head(self) -> nn.Linear | None:
+        """The output head where ChunkedHead can compute through its weight: a plain, frozen linear
+        layer with no hooks (not a LoRA-wrapped, quantized, offloaded or trainable one)."""
+        head = self.base.get_output_embeddings()
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
+            return None
+        if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+            return None
+        return head
+
+    def head_scores(self, hidden_BRH: torch.Tensor, tokens_BR: torch.Tensor, entropy: bool = True):
+        """(logprobs_BR, entropy_BR) fp32 of tokens_BR from the final hidden states of the positions that
+        predict them: what logprobs_from_logits / entropy_from_logits give on lm_logits(hidden_BRH), but
+        the head runs in chunks of `head_chunk` positions, so the (B, R, V) logits never exist at once,
+        and with autograd (where hidden_BRH needs a gradient) no chunk's logits are kept for the
+        backward. The entropy carries no gradient; entropy=False: zeros (the softmax is skipped)."""
+        B, R, H = hidden_BRH.shape
+        h_NH = hidden_BRH.reshape(B * R, H)
+        tokens_N = tokens_BR.reshape(B * R).to(h_NH.device)
+        head = self._plain_head()
+        vocab = head.weight.shape[0] if head is not None else self.base.get_output_embeddings().weight.shape[0]
+        chunk = head_chunk_positions(self.head_chunk, vocab)
+        if head is not None:
+            lp, ent = ChunkedHead.apply(h_NH, head.weight, head.bias, tokens_N, chunk, self.logit_softcap, entropy)
+            return lp.view(B, R), ent.view(B, R)
+        # any other head (LoRA on the output layer, quantized, hooked): its own forward per chunk, under
+        # torch.utils.checkpoint where a gradient flows (the backward recomputes the chunk's logits)
+        from torch.utils.checkpoint import checkpoint
+
+        def scores(h, t):
+            logits = self.lm_logits(h)
+            lp = logprobs_from_logits(logits, t)
+            if not entropy:
+                return lp, torch.zeros_like(lp)
+            with torch.no_grad():
+                return lp, entropy_from_logits(logits)
+
+        grad = torch.is_grad_enabled() and h_NH.requires_grad
+        parts = [checkpoint(scores, h_NH[lo:lo + chunk], tokens_N[lo:lo + chunk], use_reentrant=False) if grad
+                 else scores(h_NH[lo:lo + chunk], tokens_N[lo:lo + chunk]) for lo in range(0, B * R, chunk)]
+        lp = torch.cat([p[0] for p in parts]) if parts else h_NH.new_zeros(0, dtype=torch.float32)
+        ent = torch.cat([p[1] for p in parts]).detach() if parts else torch.zeros_like(lp)
+        return lp.view(B, R), ent.view(B, R)
+
     def values(self, name: str, hidden_BTH: torch.Tensor) -> torch.Tensor:
         """Value estimates of policy `name` (zeros for a policy without a value head: a critic-free one)."""
         if name not in self.value_heads:
@@ -171,6 +281,15 @@ class MultiAdapterModel(AdapterRegistry):
         logprobs_BR = logprobs_from_logits(logits_BRV, input_ids_BT[:, response_start:])
         return logprobs_BR, self.values(name, h_BRH), logits_BRV
 
+    def policy_pass(self, name, input_ids_BT, attention_mask_BT, response_start: int):
+        """The training pass: (logprobs_BR, values_BR, entropy_BR) of the response tokens, as
+        `policy_forward` (whose logits give the same logprobs and entropies), with the output head in
+        chunks (`head_scores`): the logprobs carry the gradient, the entropy none."""
+        self._require(name, "policy")
+        h_BRH = self.hidden(input_ids_BT, attention_mask_BT, name, keep_from=response_start - 1)[:, :-1]
+        logprobs_BR, entropy_BR = self.head_scores(h_BRH, input_ids_BT[:, response_start:])
+        return logprobs_BR, self.values(name, h_BRH), entropy_BR
+
     @torch.no_grad()
     def reward_scores(self, name: str, input_ids_BT, attention_mask_BT) -> torch.Tensor:
         """One reward per sequence, read at its last real token (right, left or no padding). (B,)"""
@@ -183,7 +302,7 @@ class MultiAdapterModel(AdapterRegistry):
     @torch.no_grad()
     def reference_logprobs(self, input_ids_BT, attention_mask_BT, response_start: int) -> torch.Tensor:
         h = self.hidden(input_ids_BT, attention_mask_BT, REF, keep_from=response_start - 1)[:, :-1]
-        return logprobs_from_logits(self.lm_logits(h), input_ids_BT[:, response_start:])
+        return self.head_scores(h, input_ids_BT[:, response_start:], entropy=False)[0]
 
     @torch.no_grad()
     def evaluate(self, input_ids_BT, attention_mask_BT, policies: Sequence[str], rewards: Sequence[str | None],
@@ -227,7 +346,7 @@ class MultiAdapterModel(AdapterRegistry):
             n_pol, n_ref = len(pol_rows), len(ref_rows)
             if ref_rows:
                 h_ref = h[n_pol:n_pol + n_ref, :-1]
-                ref_logprobs[ref_rows] = logprobs_from_logits(self.lm_logits(h_ref), tokens_BR[ref_rows])
+                ref_logprobs[ref_rows] = self.head_scores(h_ref, tokens_BR[ref_rows], entropy=False)[0]
             h_rw = h[n_pol + n_ref:]
             for r in set(rewards) - {None}:
                 local = [i for i, b in enumerate(rw_rows) if rewards[b] == r]
@@ -237,7 +356,8 @@ class MultiAdapterModel(AdapterRegistry):
             return Evaluation(rollout.logprobs_BR.to(dev), ref_logprobs, rollout.values_BR.to(dev), scores,
                               rollout.entropy_BR.to(dev))
         h_pol = h[:B, :-1]
-        pol = self.policy_scores(list(policies), tokens_BR, self.lm_logits(h_pol), h_pol)
+        logprobs, entropy = self.head_scores(h_pol, tokens_BR)
+        pol = self.rollout_scores(list(policies), logprobs, entropy, h_pol)
         return Evaluation(pol.logprobs_BR, ref_logprobs, pol.values_BR, scores, pol.entropy_BR)
 
     # ---------------------------------------------------------------- sampling
@@ -263,9 +383,14 @@ class MultiAdapterModel(AdapterRegistry):
     def policy_scores(self, names: list[str], tokens_BN, logits_BNV, hidden_BNH) -> RolloutScores:
         """Row b's logprobs of tokens_BN, values under policy names[b]'s value head, and entropies,
         from the logits and final hidden states of the positions that predict those tokens."""
-        logprobs = logprobs_from_logits(logits_BNV, tokens_BN)
-        values = torch.empty_like(logprobs)
+        return self.rollout_scores(names, logprobs_from_logits(logits_BNV, tokens_BN),
+                                   entropy_from_logits(logits_BNV), hidden_BNH)
+
+    def rollout_scores(self, names: list[str], logprobs_BN, entropy_BN, hidden_BNH) -> RolloutScores:
+        """RolloutScores of given logprobs and entropies, with row b's values under policy names[b]'s
+        value head from the final hidden states of the positions that predict the tokens."""
+        values = torch.empty_like(logprobs_BN)
         for p in set(names):
             rows = [i for i, q in enumerate(names) if q == p]
             values[rows] = self.values(p, hidden_BNH[rows])
-        return RolloutScores(logprobs, values, entropy_from_logits(logits_BNV))
+        return RolloutScores(logprobs_BN, values, entropy_BN)

@@ -193,11 +193,12 @@ class LeanDecode(Sampler):
                 self._warned = True
             return self._fallback._generate(model, ids, mask, names, scored, kwargs)
         rows = None if self.exact else model.lora_rows(names)
-        logits, hidden = ([], []) if scored else (None, None)
-        out = decoding.sample(lean, ids, mask, lora_rows=rows, logits_out=logits, hidden_out=hidden, **kwargs)
+        steps, hidden = ([], []) if scored else (None, None)
+        out = decoding.sample(lean, ids, mask, lora_rows=rows, scores_out=steps, hidden_out=hidden, **kwargs)
         if not scored:
             return out, None
-        return out, model.policy_scores(names, out[:, ids.shape[1]:], torch.stack(logits, 1), torch.stack(hidden, 1))
+        return out, model.rollout_scores(names, torch.stack([s[0] for s in steps], 1),
+                                         torch.stack([s[1] for s in steps], 1), torch.stack(hidden, 1))
 
 
 class VLLM(Sampler):

@@ -56,7 +56,7 @@ class ModelHost:
         # low_memory: this process owns its memory (see model/tweaks.py)
         self.model = MultiAdapterModel.from_pretrained(
             model.base, quantization=model.quantization, dtype=model.dtype, reference_adapter=model.reference_adapter,
-            gradient_checkpointing=model.gradient_checkpointing, low_memory=True)
+            gradient_checkpointing=model.gradient_checkpointing, low_memory=True, head_chunk=model.head_chunk)
         for r in rewards:
             if r.path is not None:  # reward functions run in the learner, not here
                 self.model.add_reward(r.name, r.path)
@@ -169,11 +169,6 @@ class ModelHost:
         if keep is not None:
             self.rows.keep(*keep, prompts, policies, out)
         return out
-
-    def keep_rows(self, keep: tuple[str, int, int], prompts: list[list[int]], policies: list[str], samples: Samples):
-        """Keep rows made from what this host sampled (an episode's transcripts: `samples.response_mask` is
-        their attention; the update mask comes with the advantages) as `sample` keeps its rows."""
-        self.rows.keep(*keep, prompts, policies, samples)
 
     def _sample(self, prompts, policies, settings: SamplingSettings, seed: int) -> Samples:
         order = _by_policy(policies)

@@ -117,10 +117,10 @@ class PolicyTrainer:
     def _forward_backward(self, trainable: dict, mb: Minibatch, total_tokens: float, cfg: LossSettings):
         dev = self.model.device
         mask = mb.mask.to(dev).float()
-        logprobs, values, logits = self.model.policy_forward(
+        logprobs, values, entropy_BR = self.model.policy_pass(
             self.name, mb.input_ids.to(dev), mb.attention_mask.to(dev), mb.response_start)
         if cfg.algorithm != "ppo":
-            return self._critic_free(trainable, mb, logprobs, logits, mask, total_tokens, cfg)
+            return self._critic_free(trainable, mb, logprobs, entropy_BR, mask, total_tokens, cfg)
         pg, pg_stats = ppo.policy_loss(logprobs, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
                                        cliprange=cfg.cliprange)
         vf, vf_stats = ppo.value_loss(values, mb.old_values.to(dev), mb.returns.to(dev), mask,
@@ -128,7 +128,7 @@ class PolicyTrainer:
         share = float(mask.sum()) / total_tokens
         grads = _grads((pg + cfg.vf_coef * vf) * share, trainable)
         with torch.no_grad():
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+            entropy = ppo.masked_mean(entropy_BR, mask)
         pg, vf = pg.detach(), vf.detach()
         stats = {"loss/policy": float(pg) * share, "loss/value": float(vf) * share,
                  "policy/approxkl": float(pg_stats["approxkl"]) * share,
@@ -137,7 +137,7 @@ class PolicyTrainer:
                  "policy/entropy": float(entropy) * share, "val/ratio": float(pg_stats["ratio_mean"]) * share}
         return grads, stats
 
-    def _critic_free(self, trainable: dict, mb: Minibatch, logprobs, logits, mask, total_tokens: float,
+    def _critic_free(self, trainable: dict, mb: Minibatch, logprobs, entropy_BR, mask, total_tokens: float,
                      cfg: LossSettings):
         """The clipped surrogate of grpo / rloo / reinforce_pp (no value loss), aggregated by loss_type
         over the whole minibatch's normalisers: this shard's share of the minibatch loss."""
@@ -149,7 +149,7 @@ class PolicyTrainer:
                               max_len=cfg.max_len)
         grads = _grads(loss, trainable)
         with torch.no_grad():
-            entropy = (ppo.entropy_from_logits(logits) * mask).sum()
+            entropy = (entropy_BR * mask).sum()
         # every statistic as this shard's share of the minibatch's token mean: the hosts' shares add up
         stats = {"loss/policy": float(loss.detach()), "policy/entropy": float(entropy) / total_tokens,
                  "policy/clipfrac": float(st["clip_region_sum"]) / total_tokens,
