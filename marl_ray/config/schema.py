@@ -153,8 +153,6 @@ class PolicySpec:
 
     def _check(self, at: str) -> None:
         _check_name(at, self.name)
-        if not self.reward:
-            _fail(_join(at, "reward"), "name at least one reward (rewards[].name)")
         if len(set(self.reward)) != len(self.reward):
             _fail(_join(at, "reward"), f"{list(self.reward)} names a reward twice")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
@@ -344,6 +342,27 @@ class RunSpec:
                       f"(or leave {r} out)")
 
 
+@spec
+class PlayerSpec:
+    role: str = opt(help="A role of the environment (its roles; one role, assistant, by default).")
+    policy: str = opt(help="Who plays it: a policy of this run (policies[].name), or ref (the base with adapters "
+                      "off, never trained).")
+
+
+@spec
+class EpisodesSpec:
+    environment: str = opt(help="The environment class: 'pkg.module:Class' or 'path/to/file.py:Class', one "
+                           "instance per episode, reset(**row) from a data row; its public methods are tools "
+                           "(docs/episodes.md).")
+    players: tuple[PlayerSpec, ...] = opt((), "Who plays each role: [{role: solver, policy: s}, {role: proposer, "
+                                          "policy: ref}]. Empty = the one role, assistant, played by the one policy.")
+    max_turns: int = opt(8, "Turns of an episode (all roles, tool-calling turns included); an episode that "
+                         "reaches it ends truncated, rewarded by the environment as it stands.", ge=1)
+    max_tokens: int = opt(256, "Tokens of a role's transcript after its first prompt (its turns, tool results and "
+                          "the others' turns); a turn that could pass it is not started: the episode ends "
+                          "truncated, rewarded by the environment as it stands.", ge=1)
+
+
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 REPORT_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny"}  # module -> the pip package that gives it
 
@@ -358,6 +377,9 @@ class PPORunConfig:
     cluster: ClusterSpec = opt(ClusterSpec, "Ray cluster and actor placement.")
     data: DataSpec = opt(DataSpec, "Prompt data.")
     run: RunSpec = opt(RunSpec, "Outputs, logging and checkpoints.")
+    episodes: Optional[EpisodesSpec] = opt(
+        None, "Multi-turn episodes with tools and several roles (docs/episodes.md); null = single-turn: each "
+        "policy answers each prompt once.")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -373,7 +395,11 @@ class PPORunConfig:
                     _fail(f"{path}.name", f"{s.name!r} is already the name of {used[s.name]}; names must be unique")
                 used[s.name] = path
         rewards = {r.name: r for r in self.rewards}
+        if self.episodes is not None:
+            self._check_episodes(at)
         for i, p in enumerate(self.policies):
+            if not p.reward and self.episodes is None:
+                _fail(_join(at, f"policies[{i}].reward"), "name at least one reward (rewards[].name)")
             for name in p.reward:
                 if name not in rewards:
                     _fail(_join(at, f"policies[{i}].reward"),
@@ -383,3 +409,34 @@ class PPORunConfig:
                 _fail(_join(at, f"policies[{i}].reward"),
                       f"names {len(adapters)} reward adapters {adapters}: a policy takes at most one reward adapter "
                       "(and any number of reward functions)")
+
+    def _check_episodes(self, at: str) -> None:
+        e, names = self.episodes, [p.name for p in self.policies]
+        where = _join(at, "episodes")
+        roles = [p.role for p in e.players]
+        if len(set(roles)) != len(roles):
+            _fail(_join(where, "players"), f"{roles} names a role twice; one player per role")
+        for i, p in enumerate(e.players):
+            if p.policy != "ref" and p.policy not in names:
+                later = ("/" in p.policy or "\\" in p.policy or p.policy.endswith((".safetensors", ".bin")))
+                _fail(_join(where, f"players[{i}].policy"),
+                      f"{p.policy!r}: frozen adapters (a saved policy folder) as players are not yet supported; "
+                      f"name a policy of this run {names} or ref" if later else
+                      f"{p.policy!r} is not a policy of this run {names} (or ref, the base with adapters off)")
+        if not e.players and len(names) > 1:
+            _fail(_join(where, "players"), f"{len(names)} policies {names}: say who plays each role, e.g. "
+                  f"[{{role: assistant, policy: {names[0]}}}]")
+        if e.max_tokens < self.generation.max_new_tokens:
+            _fail(_join(where, "max_tokens"), f"{e.max_tokens} is less than generation.max_new_tokens "
+                  f"{self.generation.max_new_tokens}: no turn would fit")
+        for i, p in enumerate(self.policies):
+            if p.reward:
+                _fail(_join(at, f"policies[{i}].reward"), f"{list(p.reward)}: with episodes a policy's reward "
+                      "comes from the environment (rewards() / get_reward()); reward functions or adapters beside it "
+                      "are not yet supported: leave reward empty")
+        if self.data.eval_prompts is not None or self.data.eval_fraction > 0:
+            _fail(_join(at, "data.eval_prompts"), "held-out evaluation of episodes is not yet supported: leave "
+                  "data.eval_prompts and data.eval_fraction unset")
+        if self.ppo.rollout_logprobs:
+            _fail(_join(at, "ppo.rollout_logprobs"), "episodes take their old logprobs from a scoring pass: set "
+                  "it to false or null")

@@ -170,6 +170,11 @@ class ModelHost:
             self.rows.keep(*keep, prompts, policies, out)
         return out
 
+    def keep_rows(self, keep: tuple[str, int, int], prompts: list[list[int]], policies: list[str], samples: Samples):
+        """Keep rows made from what this host sampled (an episode's transcripts: `samples.response_mask` is
+        their attention; the update mask comes with the advantages) as `sample` keeps its rows."""
+        self.rows.keep(*keep, prompts, policies, samples)
+
     def _sample(self, prompts, policies, settings: SamplingSettings, seed: int) -> Samples:
         order = _by_policy(policies)
         if order is not None:  # each policy's rows side by side: one LoRA product per policy and layer

@@ -25,6 +25,7 @@ from marl_ray import console
 from marl_ray.algorithms import advantages as adv_math
 from marl_ray.algorithms import ppo
 from marl_ray.algorithms.advantages import PolicyAdvantages
+from marl_ray.episodes.runner import EpisodeBatch, EpisodeRunner
 from marl_ray.model.sampling import Samples, SamplingSettings, pad_left
 from marl_ray.runtime.handles import LocalHandle, get
 from marl_ray.runtime.host_group import GradSync, HostGroup, ReplicaDivergence, split
@@ -101,10 +102,14 @@ class Learner:
         self.adapter = {p.name: next((r for r in p.reward if kinds[r].path is not None), None) for p in cfg.policies}
         self.reward_fns = {r.name: reward_fns.RewardFunction.from_spec(r.name, r.function, f"rewards[{i}].function")
                            for i, r in enumerate(cfg.rewards) if r.function is not None}
+        # multi-turn episodes (cfg.episodes): the rollout phase plays them (episodes/runner.py)
+        self.episodes = EpisodeRunner(self) if cfg.episodes is not None else None
 
     # ------------------------------------------------------------ phases
     def rollout(self) -> Batch:
         """Each worker takes its share of batch_size prompts; every prompt is answered by every policy."""
+        if self.episodes is not None:
+            return self.episodes.rollout()
         shares = [len(r) for r in split(self.cfg.ppo.batch_size, len(self.workers))]
         seed = (self.cfg.run.seed * 1_000_003 + self.step) * 1009
         self.rollouts += 1
@@ -183,6 +188,8 @@ class Learner:
         A reward adapter's score comes from `ev`; a reward function is called here as TRL's GRPOTrainer
         calls it (train/rewards.py): text rows' prompts and completions as strs, conversational rows' as
         message lists, each completion's token ids, a RewardState, the prompt rows' other fields as columns."""
+        if isinstance(batch, EpisodeBatch):  # each row's reward is its role's, from the environment
+            return batch.rewards_B, {p: batch.stats.get(p, {}) for p in self.policies}
         if not self.reward_fns:  # reward adapters alone: one adapter per policy
             return ev.scores_B, {p: {} for p in self.policies}
 
@@ -257,7 +264,7 @@ class Learner:
                 for p in self.policies:
                     if skipped[p]:
                         continue
-                    G = self.spec[p].num_generations
+                    G = len(adv[p].rows) // g.batch_size  # rows per prompt: num_generations (x roles played)
                     local = perms[p][start * G:(start + g.mini_batch_size) * G]
                     mask = adv[p].mask[local]
                     if not bool(mask.any()):  # every row left out (dynamic sampling): nothing to learn from
