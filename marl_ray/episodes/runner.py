@@ -77,6 +77,7 @@ class Episode:
     done: bool = False
     truncated: bool = False
     rewards: dict = field(default_factory=dict)
+    opening: int = 0  # messages of the data row's prompt (the start of the shared conversation)
 
 
 class EpisodeRunner:
@@ -142,7 +143,10 @@ class EpisodeRunner:
 
     def view(self, ep: Episode, role: str) -> list[dict]:
         if self.env.has("view"):
-            got = ep.env.view(role)
+            try:
+                got = ep.env.view(role)
+            except Exception as e:  # noqa: BLE001
+                raise EpisodeError(f"{self.env.spec}.view({role!r}) failed: {type(e).__name__}: {e}") from e
             if not isinstance(got, list) or not all(isinstance(m, dict) and "role" in m for m in got):
                 raise EpisodeError(f"{self.env.spec}.view({role!r}) returned {type(got).__name__}, not a list of "
                                    "{role, content} messages")
@@ -184,6 +188,7 @@ class EpisodeRunner:
                 raise EpisodeError(f"{self.env.spec}.reset returned {type(obs).__name__}; return a text or None")
             messages[-1] = {**messages[-1], "content": messages[-1]["content"] + obs}
         ep.shared = [(None, m) for m in messages]
+        ep.opening = len(messages)
         ep.seats = {r: _Seat() for r in self.env.roles}
         return ep
 
@@ -256,25 +261,27 @@ class EpisodeRunner:
         ep.again = role if calls else None
 
     # ------------------------------------------------------------------ a step's rollout
-    def play(self, episodes: list[Episode], seed: int, hosts) -> int:
-        """Rounds until every episode is over; returns the rounds run."""
+    def play(self, episodes: list[Episode], seed: int, hosts, by_role: bool = False) -> int:
+        """Rounds until every episode is over; returns the rounds run. by_role: each round's turns of one role
+        in a call of their own (one call per role and host instead of one per host: for comparison)."""
         active = list(episodes)
         first_worker: dict[int, int] = {}
         for ep in episodes:
             first_worker.setdefault(ep.host, ep.worker)
         k = 0
         while active:
-            turns: dict[int, list] = {}  # host -> [(episode, role, prompt ids)]
+            turns: dict = {}  # host (and role, by_role) -> [(episode, role, prompt ids)]
             for ep in active:
                 got = self.prepare(ep)
                 if got is not None:
-                    turns.setdefault(ep.host, []).append((ep, got[0], list(got[1])))
+                    turns.setdefault((ep.host, got[0]) if by_role else ep.host, []).append((ep, got[0], list(got[1])))
             active = [ep for ep in active if not ep.done]
             if not turns:
                 break
-            refs = {h: hosts[h].sample.remote([t[2] for t in ts], [self.players[t[1]] for t in ts], self.settings,
-                                              seed + first_worker[h] * 7919 + k * ROUND_SEED)
-                    for h, ts in turns.items()}
+            host = (lambda key: key[0]) if by_role else (lambda key: key)
+            refs = {key: hosts[host(key)].sample.remote(
+                [t[2] for t in ts], [self.players[t[1]] for t in ts], self.settings,
+                seed + first_worker[host(key)] * 7919 + k * ROUND_SEED) for key, ts in turns.items()}
             for h, ts in turns.items():
                 out = get(refs[h])
                 for (ep, role, _), resp, mask in zip(ts, out.responses, out.response_mask):
@@ -310,8 +317,9 @@ class EpisodeRunner:
         prompts, resp, attn, own, policies, rewards = [], [], [], [], [], []
         for ep, role in order:
             seat = ep.seats[role]
-            if seat.seen < 0:  # the role never acted (the episode ended first): an empty row, nothing to learn
-                seat.ids = self.context(ep, role)
+            if seat.seen < 0:  # the role never acted (the episode ended first): the data row's prompt, no turn
+                start = [m for who, m in ep.shared[:ep.opening]]
+                seat.ids = self.encode(self.render(start, True))[-self.cfg.data.max_prompt_tokens:]
                 seat.prompt_len = len(seat.ids)
             n = len(seat.ids) - seat.prompt_len
             prompts.append(seat.ids[:seat.prompt_len])

@@ -209,3 +209,26 @@ def test_tool_calls_are_parsed_as_the_templates_write_them():
     assert parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>')[1][0][
         "function"]["arguments"] == {"x": 1}
     assert parse_tool_calls("<tool_call>{not json}</tool_call> ok") == ("<tool_call>{not json}</tool_call> ok", [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args", [("calculator.py", []), ("proposer_solver.py", ["--runtime", "ray"]),
+                                         ("proposer_solver.py", ["--self-play"])])
+def test_the_examples_run(tmp_path, script, args):
+    """examples/episodes as docs/episodes.md runs them (one step); the two-policy one on a real local Ray."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, f"examples/episodes/{script}", str(tmp_path), "--steps", "1", *args],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
+    assert summary["steps"] == 1
+    for p, m in summary["policies"].items():
+        assert m["episodes/turns"] >= 1 and "rewards/env/mean" in m, (p, m)
+        assert (tmp_path / "run" / "policies" / p / "adapter_model.safetensors").exists()
