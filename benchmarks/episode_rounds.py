@@ -1,8 +1,8 @@
 """Turns per second of episode rounds: every pending turn of a round in ONE mixed-adapter `host.sample` call,
 against each role's turns in a call of their own (same episodes, same seeds), on one in-process host.
 
-Two policies play a two-role environment (each role's turns alternate; `--turns` per episode), G episodes
-of each data row. Both ways run the same rounds; only how a round's turns are grouped into calls differs.
+Two policies play a two-role environment (the roles alternate, `--turns` per episode; half the data rows
+start with each role, so every round holds both roles' turns), G episodes of each data row. Both ways run the same rounds; only how a round's turns are grouped into calls differs.
 Prints JSON: turns/s of each way (median of --repeats), their ratio, and the setting.
 
     python benchmarks/episode_rounds.py [--size tiny|small|medium] [--rows 8] [--generations 4] [--turns 4]
@@ -28,9 +28,10 @@ class Alternate:
 
     def reset(self, **row):
         self.n = 0
+        self.start = row["start"]  # half the rows start with each role: every round has both roles' turns
 
     def next_role(self):
-        return None if self.n >= self.turns else self.roles[self.n % 2]
+        return None if self.n >= self.turns else self.roles[(self.n + self.start) % 2]
 
     def step(self, role, message):
         self.n += 1
@@ -65,7 +66,7 @@ def main(argv=None):
     tok = build_tokenizer(texts, vocab_size=512, chat=True)
     build_llama(args.size, seed=0, vocab_size=len(tok), max_position_embeddings=1024).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    rows = [{"prompt": [{"role": "user", "content": t}]} for t in texts[:args.rows]]
+    rows = [{"prompt": [{"role": "user", "content": t}], "start": i % 2} for i, t in enumerate(texts[:args.rows])]
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "env.py").write_text(ENV.format(turns=args.turns))
     policy = {"reward": [], "algorithm": "grpo", "num_generations": args.generations, "lora": {"r": 8, "alpha": 16}}
