@@ -80,41 +80,62 @@ class Episode:
     opening: int = 0  # messages of the data row's prompt (the start of the shared conversation)
 
 
+@dataclass
+class Plan:
+    """An episodes section checked against the run: its environment, who plays each role, the roles
+    played by trained policies, G (episodes per data row) and the tokenizer whose template they speak."""
+
+    env: Any
+    players: dict
+    trained: list
+    G: int
+    tokenizer: Any
+
+
+def plan(cfg) -> Plan:
+    """Check `cfg.episodes` against the run (ConfigError naming the field): the environment imports and
+    has what it needs, every role has a player, the trained players agree on num_generations, the chat
+    template renders the tools. Called before any actor starts, and by the runner."""
+    from transformers import AutoTokenizer
+
+    from marl_ray.model.gguf import resolve_base
+
+    e = cfg.episodes
+    env = envs.load_environment(e.environment)
+    players = {p.role: p.policy for p in e.players}
+    if not players and len(env.roles) == 1 and len(cfg.policies) == 1:
+        players = {env.roles[0]: cfg.policies[0].name}  # the one role, by the one policy
+    unknown = [r for r in players if r not in env.roles]
+    if unknown:
+        raise ConfigError(f"episodes.players: roles {unknown} are not roles of {env.spec} "
+                          f"(its roles: {list(env.roles)})")
+    missing = [r for r in env.roles if r not in players]
+    if missing:
+        raise ConfigError(f"episodes.players: roles {missing} of {env.spec} have no player; give each "
+                          "role a policy of this run or ref")
+    spec = {p.name: p for p in cfg.policies}
+    trained = [r for r in env.roles if players[r] != REF]
+    if not trained:
+        raise ConfigError("episodes.players: every role is played by ref: nothing to train")
+    gens = {spec[players[r]].num_generations for r in trained}
+    if len(gens) > 1:
+        raise ConfigError(f"episodes.players: the trained players have different num_generations "
+                          f"{sorted(gens)}: episodes of one data row are one group for every role; give "
+                          "them the same (not yet otherwise)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(cfg.model.tokenizer or cfg.model.base))
+    envs.check_template(tokenizer, env)
+    return Plan(env, players, trained, gens.pop(), tokenizer)
+
+
 class EpisodeRunner:
     """The rollout phase of a run with an episodes section (`Learner.rollout` hands over to `rollout`)."""
 
     def __init__(self, learner):
-        from transformers import AutoTokenizer
-
-        from marl_ray.model.gguf import resolve_base
-
         self.learner = learner
         cfg = self.cfg = learner.cfg
-        e = cfg.episodes
-        self.env = envs.load_environment(e.environment)
-        self.players = {p.role: p.policy for p in e.players}
-        if not self.players and len(self.env.roles) == 1 and len(cfg.policies) == 1:
-            self.players = {self.env.roles[0]: cfg.policies[0].name}  # the one role, by the one policy
-        unknown = [r for r in self.players if r not in self.env.roles]
-        if unknown:
-            raise ConfigError(f"episodes.players: roles {unknown} are not roles of {self.env.spec} "
-                              f"(its roles: {list(self.env.roles)})")
-        missing = [r for r in self.env.roles if r not in self.players]
-        if missing:
-            raise ConfigError(f"episodes.players: roles {missing} of {self.env.spec} have no player; give each "
-                              "role a policy of this run or ref")
-        spec = {p.name: p for p in cfg.policies}
-        self.trained = [r for r in self.env.roles if self.players[r] != REF]
-        if not self.trained:
-            raise ConfigError("episodes.players: every role is played by ref: nothing to train")
-        gens = {spec[self.players[r]].num_generations for r in self.trained}
-        if len(gens) > 1:
-            raise ConfigError(f"episodes.players: the trained players have different num_generations "
-                              f"{sorted(gens)}: episodes of one data row are one group for every role; give "
-                              "them the same (not yet otherwise)")
-        self.G = gens.pop()
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_base(cfg.model.tokenizer or cfg.model.base))
-        envs.check_template(self.tokenizer, self.env)
+        checked = plan(cfg)
+        self.env, self.players, self.trained, self.G = checked.env, checked.players, checked.trained, checked.G
+        self.tokenizer = checked.tokenizer
         self.eot = end_of_turn_ids(self.tokenizer)
         self.eot_text = self.tokenizer.decode(self.eot) if self.eot else ""
         d = cfg.data
@@ -355,7 +376,8 @@ class EpisodeRunner:
             if not mine:
                 continue
             r = torch.tensor([rewards[j] for j in mine])
-            stats[p] = {"rewards/env/mean": float(r.mean()), "rewards/env/std": float(r.std()) if len(mine) > 1 else 0.0,
+            stats[p] = {"rewards/env/mean": float(r.mean()),
+                        "rewards/env/std": float(r.std()) if len(mine) > 1 else 0.0,
                         "episodes/turns": sum(ep.turns for ep in eps) / len(eps),
                         "episodes/truncated": sum(ep.truncated for ep in eps) / len(eps),
                         "episodes/tool_calls": sum(ep.tool_calls for ep in eps) / len(eps),

@@ -63,6 +63,10 @@ def check_inputs(cfg: PPORunConfig):
         if p.init_from and not Path(p.init_from).expanduser().exists():
             raise ConfigError(f"policies[{i}].init_from: {p.init_from!r} does not exist")
     check_lora_targets(cfg)
+    if cfg.episodes is not None:  # the environment, its players and the chat template: before any actor
+        from marl_ray.episodes.runner import plan
+
+        plan(cfg)
     if cfg.run.storage:  # an unreachable or malformed storage fails here, not at the first checkpoint
         from marl_ray.storage import Storage
 

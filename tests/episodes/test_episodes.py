@@ -169,14 +169,19 @@ def test_a_policy_learns_only_from_its_own_turns(assets, tmp_path):
     ("AskAnswer", [{"role": "asker", "policy": "g"}], "have no player"),
     ("AskAnswer", [{"role": "asker", "policy": "g"}, {"role": "judge", "policy": "g"}], "not roles of"),
 ])
-def test_bad_environments_are_refused_before_any_step(assets, tmp_path, env, players, match):
+def test_bad_environments_are_refused_before_any_actor(assets, tmp_path, env, players, match):
+    """run_ppo's input checks refuse them (no actor exists yet), and so does the runner itself."""
     from marl_ray.config import ConfigError
+    from marl_ray.stages.ppo import check_inputs
 
     ep = {"environment": f"{ENVS}:{env}"}
     if players:
         ep["players"] = players
+    cfg = _config(assets["plain"], assets["chat"], tmp_path / "run", episodes=ep)
     with pytest.raises(ConfigError, match=match):
-        _learner(_config(assets["plain"], assets["chat"], tmp_path / "run", episodes=ep))
+        check_inputs(ru.load(cfg))
+    with pytest.raises(ConfigError, match=match):
+        _learner(cfg)
 
 
 def test_config_errors_name_the_field(assets, tmp_path):
@@ -195,9 +200,11 @@ def test_config_errors_name_the_field(assets, tmp_path):
 def test_a_tool_environment_needs_a_template_that_renders_tools(assets, tmp_path):
     from marl_ray.config import ConfigError
 
+    from marl_ray.stages.ppo import check_inputs
+
     with pytest.raises(ConfigError, match="does not render tools"):
-        _learner(_config(assets["plain"], assets["sums"], tmp_path / "run",
-                         episodes={"environment": f"{ENVS}:Calculator"}))
+        check_inputs(ru.load(_config(assets["plain"], assets["sums"], tmp_path / "run",
+                                     episodes={"environment": f"{ENVS}:Calculator"})))
 
 
 def test_tool_calls_are_parsed_as_the_templates_write_them():
