@@ -398,7 +398,7 @@ def arithmetic_table(s: dict) -> str:
 
 #: (full, quick) settings of --task one-word; measured on 2 cores (docs/RESULTS.md).
 WORD_PRESETS = {
-    "full": {"rl_steps": 30, "eval_prompts": 64},
+    "full": {"rl_steps": 20, "eval_prompts": 64},
     "quick": {"rl_steps": 2, "eval_prompts": 4},
 }
 #: Samples per held-out prompt for the sampled accuracy.
