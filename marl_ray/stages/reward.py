@@ -162,6 +162,16 @@ def _tokenize(tokenizer, pairs, max_len: int, add_special_tokens: bool = True):
     return Dataset.from_dict({"chosen_ids": enc([c for c, _ in pairs]), "rejected_ids": enc([r for _, r in pairs])})
 
 
+def _base_path(base: str) -> str:
+    """`base` as a path or hub id to load: a .gguf file is dequantized once into a model folder."""
+    from marl_ray.model.gguf import GGUFError, resolve_base
+
+    try:
+        return resolve_base(base)
+    except GGUFError as e:
+        raise ConfigError(f"base: {e}") from None
+
+
 def load_reward_model(base: str, quantization: str = "none", seed: int = 0):
     """(AutoModelForSequenceClassification with num_labels=1, tokenizer, base fingerprint) of `base`."""
     import torch
@@ -246,13 +256,14 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
 
     t0 = time.perf_counter()
     common.check_local_base(cfg.base, "base")
-    common.check_targets(cfg.base, cfg.lora.target_modules, "lora.target_modules")
+    base = _base_path(cfg.base)  # a .gguf file: dequantized once into a model folder
+    common.check_targets(base, cfg.lora.target_modules, "lora.target_modules")
     train_pairs, held_pairs = _pairs(cfg)  # data errors (a bad JSONL line) before any model work
     chat = isinstance(train_pairs[0], dict) or isinstance(held_pairs[0], dict)
     if chat:  # conversations: rendered with the base's chat template, still before any model work
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(cfg.base)
+        tok = AutoTokenizer.from_pretrained(base)
         train_pairs, _ = _render(tok, train_pairs, "pairs")
         held_pairs, _ = _render(tok, held_pairs, "eval_pairs" if cfg.eval_pairs else "pairs")
     ckpt_dir, resume_from, done = common.prepare_out_dir(cfg, "reward", "adapter")
@@ -260,7 +271,7 @@ def _run_reward(cfg: RewardConfig, callbacks: Sequence) -> dict:
         log.info("reward already finished in %s (same config): nothing to do; --set resume=false retrains",
                  cfg.out_dir)
         return done
-    model, tokenizer, fingerprint = load_reward_model(cfg.base, cfg.quantization, cfg.seed)
+    model, tokenizer, fingerprint = load_reward_model(base, cfg.quantization, cfg.seed)
     tokenizer.model_max_length = cfg.max_len
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

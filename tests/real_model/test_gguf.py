@@ -126,3 +126,13 @@ def test_an_sft_base_given_as_a_bad_gguf_is_refused_naming_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"base: '.*no_tok.gguf' holds no tokenizer"):
         run_sft(SFTConfig(out_dir=str(tmp_path / "sft"), base=str(bad), data="embedded", steps=1))
     assert not (tmp_path / "sft").exists()
+
+
+def test_a_reward_base_given_as_a_bad_gguf_is_refused_naming_the_field(tmp_path):
+    from marl_ray.config import ConfigError
+    from marl_ray.stages.reward import RewardConfig, run_reward
+
+    bad = _write_gguf(tmp_path / "no_tok.gguf", "llama", tokenizer=False)
+    with pytest.raises(ConfigError, match=r"base: '.*no_tok.gguf' holds no tokenizer"):
+        run_reward(RewardConfig(out_dir=str(tmp_path / "reward"), base=str(bad), steps=1))
+    assert not (tmp_path / "reward").exists()
