@@ -364,10 +364,15 @@ def run_arithmetic_demo(out: str | Path, quick: bool = False, seed: int = 0, ove
         "reward": ARITH_REWARD,
         **_run_facts(sft, host, seed, quick, times, t0), "rl_steps": summary_rl["steps"],
     }
+    return _write_summary(out, summary, before, after, arithmetic_table(summary))
+
+
+def _write_summary(out: Path, summary: dict, before: dict, after: dict, table: str) -> dict:
+    """summary.json, samples.json (each policy's held-out samples before and after) and summary.md (the
+    table, also printed)."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "samples.json").write_text(json.dumps(
         {p: {"before": before[p]["samples"], "after": after[p]["samples"]} for p in summary["policies"]}, indent=2))
-    table = arithmetic_table(summary)
     (out / "summary.md").write_text(table + "\n")
     print(table, flush=True)
     return summary
@@ -504,13 +509,7 @@ def run_one_word_demo(out: str | Path, quick: bool = False, seed: int = 0, overr
         "peak_rss_mib": host["peak_rss_mib"], "base_copies": host["base_copies"], "base_params": host["base_params"],
         "times_s": {**times, "total_s": time.perf_counter() - t0},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "samples.json").write_text(json.dumps(
-        {p: {"before": before[p]["samples"], "after": after[p]["samples"]} for p in summary["policies"]}, indent=2))
-    table = one_word_table(summary)
-    (out / "summary.md").write_text(table + "\n")
-    print(table, flush=True)
-    return summary
+    return _write_summary(out, summary, before, after, one_word_table(summary))
 
 
 def one_word_table(s: dict) -> str:
