@@ -476,13 +476,13 @@ def run_one_word_demo(out: str | Path, quick: bool = False, seed: int = 0, overr
     rl_prompts = write_jsonl(one_word.prompt_rows(len(train), seed=seed, split="train"), out / "data" / "prompts.jsonl")
     eval_rows = one_word.prompt_rows(preset["eval_prompts"], seed=seed, split="eval")
     write_jsonl(eval_rows, out / "data" / "eval.jsonl")
+    cfg = one_word_config(out, base, rl_prompts, preset["rl_steps"], seed, overrides)
     console.say(f"marl-ray demo (one-word{', quick' if quick else ''}, seed {seed}): GRPO of a LoRA policy on "
-                f"SmolLM2-135M-Instruct ({base}), {preset['rl_steps']} steps, rewarded only for replying with exactly "
+                f"SmolLM2-135M-Instruct ({base}), {cfg.ppo.steps} steps, rewarded only for replying with exactly "
                 f"one word; about {'3' if quick else '15'} minutes on 2 CPU cores. Logs: {out}/ppo/log.txt; "
                 f"results: {out}/summary.json")
     resolve_base(base)  # dequantized once into the cache (a few seconds), before Ray starts
     times = {"load_s": time.perf_counter() - t0}
-    cfg = one_word_config(out, base, rl_prompts, preset["rl_steps"], seed, overrides)
     eval_seed = seed + 101
     state: dict = {}
     t = time.perf_counter()
