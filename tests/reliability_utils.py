@@ -36,6 +36,16 @@ VOLATILE = ("time/", "perf/")
 
 
 # ------------------------------------------------------------------ assets
+def build_chat_base(folder: Path) -> Path:
+    """A tiny Llama base whose tokenizer has a chat template, saved to `folder`."""
+    from marl_ray.data.tiny import build_llama, build_tokenizer
+
+    tok = build_tokenizer(TEXTS, vocab_size=300, chat=True)
+    build_llama("tiny", seed=0, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
 def build_assets(root: Path) -> dict:
     """A tiny Llama base, another base (same architecture, seed 1), a TRL-format reward adapter
     (SEQ_CLS LoRA + score head via modules_to_save) and a prompts JSONL, all under `root`."""

@@ -18,12 +18,8 @@ TOPICS = ["film", "plot", "actor", "music", "scene"]
 
 @pytest.fixture(scope="module")
 def chat_assets(tmp_path_factory):
-    from marl_ray.data.tiny import build_llama, build_tokenizer
-
     root = tmp_path_factory.mktemp("chat")
-    tok = build_tokenizer(ru.TEXTS, vocab_size=300, chat=True)
-    build_llama("tiny", seed=0, vocab_size=len(tok)).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    ru.build_chat_base(root / "base")
     rows = [{"messages": [{"role": "system", "content": "You review films."},
                           {"role": "user", "content": f"Say something about the {t}."}], "topic": t}
             for t in TOPICS * 2]

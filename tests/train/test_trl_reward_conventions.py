@@ -26,12 +26,8 @@ TEXT = ["text_length", "text_format", "text_ground_truth", "token_budget", "warm
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from marl_ray.data.tiny import build_llama, build_tokenizer
-
     root = tmp_path_factory.mktemp("trl_rewards")
-    tok = build_tokenizer(ru.TEXTS, vocab_size=300, chat=True)
-    build_llama("tiny", seed=0, vocab_size=len(tok)).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    ru.build_chat_base(root / "base")
     chat = [{"prompt": [{"role": "system", "content": "You review films."},
                         {"role": "user", "content": f"Say something about the {t}."}], "ground_truth": t}
             for t in TOPICS]
